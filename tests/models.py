@@ -1,0 +1,54 @@
+"""Models of the real architectures with small widths and random weights, built through ComfyUI.
+
+``small_unet("sd15")`` / ``small_unet("sdxl")`` keep the real block layout (SD1.5: attention in input 1,2,4,5,7,8,
+middle, output 3..11, depth 1; SDXL: input 4,5 depth 2 and 7,8 depth 10, output 0..2 depth 10 and 3..5 depth 2)
+with reduced channels so a sampling step takes milliseconds on a CPU.
+"""
+import torch
+
+
+def init_weights_(module: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> None:
+    """Fill every parameter deterministically (ComfyUI's ops leave torch.empty garbage)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name and p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True):
+    """Return a ``comfy.model_patcher.ModelPatcher`` around a real-layout UNet with random weights."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    if kind == "sd15":
+        unet_config = {
+            "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+            "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32 if tiny else 320,
+            "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+            "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+            "context_dim": 64 if tiny else 768, "num_heads": 8, "num_head_channels": -1,
+            "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            "dtype": torch.float32,
+        }
+        cfg = sm.SD15(unet_config)
+    elif kind == "sdxl":
+        unet_config = {
+            "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+            "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+            "model_channels": 64 if tiny else 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+            "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+            "context_dim": 64 if tiny else 2048, "num_head_channels": 64 if not tiny else 16,
+            "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+            "dtype": torch.float32,
+        }
+        cfg = sm.SDXL(unet_config)
+    else:
+        raise ValueError(kind)
+    model = cfg.get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
