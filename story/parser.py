@@ -1,0 +1,228 @@
+"""Story prompt parser: the StoryDiffusion reference app's prompt syntax, in one text box.
+
+Pure Python (no torch, no ComfyUI). Follows the syntax of the reference app (HVision-NKU/StoryDiffusion,
+``gradio_app_sdxl_specific_id_low_vram.py``), which had one box for characters and one for panels; here both
+live in one ``story`` text:
+
+* ``[Name] description``: defines a character (character section, see below). ``Name`` may hold spaces
+  (``[Old Man]``) but no ``[``, ``]`` or ``#``; names are case-sensitive; ``NC`` is reserved. Any number of
+  characters (the reference app allowed at most 2).
+* Every other line is one panel. ``[Name]`` inside a panel line is replaced by that character's description.
+  A panel may name several characters. ``[NC]`` marks a panel with no character (the marker is removed;
+  it cannot be combined with a character).
+* Text after the LAST ``#`` of a panel line is the panel's caption, not part of the prompt (earlier ``#``
+  stay in the prompt text). In a caption, ``[Name]`` of a known character becomes ``Name``.
+* Blank lines and lines whose first non-blank characters are ``//`` (comments) are ignored everywhere.
+
+Where the character section ends:
+
+* With a separator: a line of three or more dashes (``---``). Every line before it must be a character
+  definition and every line after it is a panel (so panels may start with ``[Name]``, as in the reference
+  app). Recommended.
+* Without one: the character section is the leading run of ``[Name] description`` lines whose ``Name`` is not
+  yet defined; the first other line (for instance ``[Bob] reads a paper`` once Bob is defined, or a line not
+  starting with ``[``) is the first panel. A duplicate definition therefore reads as a panel here; use the
+  separator to have duplicates reported.
+
+Every malformed story raises :class:`NodeInputError` (node ``SDN_StoryPrompt``, input ``story``) whose message
+gives the 1-based line number and what is wrong.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..errors import NodeInputError
+
+NODE_ID = "SDN_StoryPrompt"
+INPUT = "story"
+NO_CHARACTER = "NC"
+
+_SEPARATOR = re.compile(r"^-{3,}$")
+_LEADING_NAME = re.compile(r"^\[([^\[\]#]*)\]\s*(.*)$")
+_BRACKETED = re.compile(r"\[([^\[\]]*)\]")
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of a story.
+
+    index: 0-based position in the story (= position in the latent batch).
+    line: 1-based line number in the story text.
+    prompt: the panel text with ``[Name]`` replaced by descriptions and ``[NC]`` removed; no style applied.
+    caption: text after the last ``#`` (stripped), ``""`` when the line has no ``#``.
+    characters: names of the characters the panel names, in order of first appearance, each once.
+    no_character: True when the panel carries ``[NC]``.
+    source: the raw line.
+    """
+
+    index: int
+    line: int
+    prompt: str
+    caption: str
+    characters: tuple[str, ...]
+    no_character: bool
+    source: str
+
+
+@dataclass(frozen=True)
+class Story:
+    """Parsed story: the payload of the ``SDN_STORY`` type.
+
+    characters: name -> description, in definition order (treat as read-only).
+    panels: the panels in story order.
+    style: name of the style preset applied by SDN_StoryPrompt (``"none"`` when parsed directly).
+    """
+
+    characters: dict = field(default_factory=dict)
+    panels: tuple = ()
+    style: str = "none"
+
+    def __len__(self) -> int:
+        return len(self.panels)
+
+    @property
+    def character_names(self) -> tuple[str, ...]:
+        return tuple(self.characters)
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        return tuple(p.caption for p in self.panels)
+
+    def panels_naming(self, name: str) -> tuple[int, ...]:
+        """0-based indices of the panels that name character ``name`` (KeyError if it is not defined)."""
+        if name not in self.characters:
+            raise KeyError(f"no character '{name}' in this story (characters: {', '.join(self.characters) or 'none'})")
+        return tuple(p.index for p in self.panels if name in p.characters)
+
+    def styled_prompts(self) -> tuple[str, ...]:
+        """Each panel's prompt wrapped by this story's style preset (what SDN_StoryPrompt encodes)."""
+        from .styles import apply_style
+
+        return tuple(apply_style(self.style, p.prompt) for p in self.panels)
+
+
+def _error(line_no: int, what: str, expected: str = "a valid story (see the node's tooltip)") -> NodeInputError:
+    return NodeInputError(NODE_ID, INPUT, expected, got=f"line {line_no}: {what}")
+
+
+def _check_brackets(text: str, line_no: int) -> None:
+    depth = 0
+    for ch in text:
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise _error(line_no, "nested '[' (unbalanced brackets)", "balanced [Name] markers")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise _error(line_no, "']' without a matching '['", "balanced [Name] markers")
+    if depth:
+        raise _error(line_no, "'[' without a matching ']'", "balanced [Name] markers")
+
+
+def _parse_character(body: str, line_no: int, characters: dict) -> None:
+    m = _LEADING_NAME.match(body)
+    if m is None:
+        _check_brackets(body, line_no)
+        raise _error(line_no, f"'{_short(body)}' is not a character definition", "'[Name] description' lines before the '---' separator")
+    name, desc = m.group(1).strip(), m.group(2).strip()
+    _check_brackets(desc, line_no)
+    if not name:
+        raise _error(line_no, "empty character name '[]'", "'[Name] description'")
+    if name == NO_CHARACTER:
+        raise _error(line_no, "'[NC]' is reserved for panels without a character", "a character name other than NC")
+    if name in characters:
+        raise _error(line_no, f"duplicate character '{name}'", "each character defined once")
+    if not desc:
+        raise _error(line_no, f"character '{name}' has an empty description", "'[Name] description'")
+    if "[" in desc:
+        raise _error(line_no, f"description of '{name}' contains a [..] marker", "a plain-text description")
+    characters[name] = desc
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _parse_panel(body: str, line_no: int, index: int, characters: dict) -> Panel:
+    text, sep, caption = body.rpartition("#")
+    if not sep:
+        text, caption = body, ""
+    _check_brackets(text, line_no)
+    names: list[str] = []
+    no_char = False
+    for m in _BRACKETED.finditer(text):
+        name = m.group(1).strip()
+        if name == NO_CHARACTER:
+            no_char = True
+        elif name in characters:
+            if name not in names:
+                names.append(name)
+        else:
+            hint = ""
+            folded = {k.lower(): k for k in characters}
+            if name.lower() in folded:
+                hint = f" (did you mean '{folded[name.lower()]}'? names are case-sensitive)"
+            elif m.start() == 0 and text[m.end():].strip():
+                hint = " (a character definition after panels started? characters must be defined before the first panel)"
+            raise _error(line_no, f"unknown character '[{name}]'{hint}",
+                         f"a defined character ({', '.join(characters) or 'none defined'}) or [NC]")
+    if no_char and names:
+        raise _error(line_no, f"[NC] together with character(s) {', '.join(names)}", "[NC] only on panels without a character")
+
+    def expand(m: re.Match) -> str:
+        name = m.group(1).strip()
+        return "" if name == NO_CHARACTER else characters[name]
+
+    prompt = _BRACKETED.sub(expand, text)
+    prompt = re.sub(r"\s+", " ", prompt).strip()
+    if not prompt:
+        raise _error(line_no, "the panel has no prompt text", "a panel description before the '#' caption")
+    caption = re.sub(r"\[([^\[\]]*)\]", lambda m: m.group(1).strip() if m.group(1).strip() in characters else m.group(0), caption)
+    return Panel(index=index, line=line_no, prompt=prompt, caption=caption.strip(), characters=tuple(names),
+                 no_character=no_char, source=body)
+
+
+def parse_story(text: str) -> Story:
+    """Parse a story text (syntax in the module docstring) into a :class:`Story`.
+
+    Raises NodeInputError("SDN_StoryPrompt", "story", ...) with the line number for: a non-definition line
+    or duplicate / empty / reserved character before the separator, a second separator, unknown character in
+    a panel (including one defined after panels started), ``[NC]`` with a character, unbalanced or nested
+    brackets, a panel without prompt text, and a story without panels.
+    """
+    if not isinstance(text, str):
+        raise NodeInputError(NODE_ID, INPUT, "a text", got=type(text).__name__)
+    lines = [(i + 1, raw.strip()) for i, raw in enumerate(text.splitlines())]
+    lines = [(n, s) for n, s in lines if s and not s.startswith("//")]
+    sep_lines = [n for n, s in lines if _SEPARATOR.match(s)]
+    if len(sep_lines) > 1:
+        raise _error(sep_lines[1], "a second '---' separator", "at most one '---' line between characters and panels")
+
+    characters: dict[str, str] = {}
+    panels: list[Panel] = []
+    if sep_lines:
+        in_header = True
+        for n, s in lines:
+            if n == sep_lines[0]:
+                in_header = False
+            elif in_header:
+                _parse_character(s, n, characters)
+            else:
+                panels.append(_parse_panel(s, n, len(panels), characters))
+    else:
+        in_header = True
+        for n, s in lines:
+            if in_header:
+                m = _LEADING_NAME.match(s)
+                name = m.group(1).strip() if m else None
+                if m is not None and name != NO_CHARACTER and name not in characters:
+                    _parse_character(s, n, characters)
+                    continue
+                in_header = False
+            panels.append(_parse_panel(s, n, len(panels), characters))
+    if not panels:
+        last = max(1, len(text.splitlines()))  # the end of the story
+        raise _error(last, "the story has no panels", "at least one panel line after the character lines")
+    return Story(characters=characters, panels=tuple(panels))
