@@ -1,2 +1,65 @@
-"""Placeholder until the nodes land."""
-NODES = []
+"""SDN_ConsistentSelfAttention: patch a MODEL with StoryDiffusion's Consistent Self-Attention."""
+from comfy_api.latest import io
+
+from ..attention.patch import BLOCK_CHOICES, SCHEDULE_CHOICES, CSASettings, apply_csa
+from ..errors import NodeInputError
+
+_RATE = dict(default=0.5, min=0.0, max=1.0, step=0.05)
+
+
+class ConsistentSelfAttention(io.ComfyNode):
+    """StoryDiffusion CSA (arXiv 2405.01434) on the stock sampler: every image of the latent batch attends to
+    its own tokens plus a random subset of the other images' tokens, so characters stay consistent."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDN_ConsistentSelfAttention",
+            display_name="Consistent Self-Attention (StoryDiffusion)",
+            category="StoryDiffusion/attention",
+            description=cls.__doc__,
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x, SD2.x or SDXL model (LoRAs and other patches are kept)."),
+                io.Float.Input("sampling_rate_1_32", **_RATE, tooltip=(
+                    "Share of another image's tokens each image sees, in layers at 1/32 of the image size "
+                    "(and coarser). The reference app's sa32. 0 = plain self-attention, 1 = all tokens.")),
+                io.Float.Input("sampling_rate_1_16", **_RATE, tooltip=(
+                    "Same for layers at 1/16 of the image size (the reference app's sa64).")),
+                io.Float.Input("sampling_rate_1_8", **_RATE, tooltip=(
+                    "Same for layers at 1/8 of the image size (SD1.x/SD2.x only; SDXL has none).")),
+                io.Int.Input("reference_count", default=0, min=0, max=64, tooltip=(
+                    "0: every image attends to every other image (the paper). R > 0: the first R images of the "
+                    "batch are references; they share among themselves and every other image attends to the "
+                    "references only (cost grows with R, not with the batch).")),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the token sampling (re-drawn every step, deterministic per seed)."),
+                io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="decoder", tooltip=(
+                    "Which self-attention layers get CSA. 'decoder' = the UNet's output blocks, as the reference app.")),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Part of the sampling schedule where CSA starts (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Part of the sampling schedule where CSA ends (1 = last step)."),
+                io.Combo.Input("schedule", options=list(SCHEDULE_CHOICES), default="always", tooltip=(
+                    "'always': CSA at every step in range. 'storydiffusion': the reference app's heuristic: plain "
+                    "attention at step 0, then each layer skips CSA at random with p = 0.3 (steps 1-19) or 0.1.")),
+            ],
+            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, sampling_rate_1_32, sampling_rate_1_16, sampling_rate_1_8, reference_count, seed,
+                blocks, start_percent, end_percent, schedule) -> io.NodeOutput:
+        node = "SDN_ConsistentSelfAttention"
+        if start_percent > end_percent:
+            raise NodeInputError(node, "start_percent", f"a value <= end_percent ({end_percent})",
+                                 got=str(start_percent))
+        sampling = model.get_model_object("model_sampling")
+        settings = CSASettings(
+            rates=((8, sampling_rate_1_8), (16, sampling_rate_1_16), (32, sampling_rate_1_32)),
+            reference_count=reference_count, seed=seed, blocks=BLOCK_CHOICES[blocks],
+            sigma_start=float(sampling.percent_to_sigma(start_percent)),
+            sigma_end=float(sampling.percent_to_sigma(end_percent)), schedule=schedule)
+        return io.NodeOutput(apply_csa(model, settings))
+
+
+NODES = [ConsistentSelfAttention]

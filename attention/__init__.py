@@ -1,0 +1,1 @@
+"""Consistent Self-Attention: pure torch core (csa.py) and its ModelPatcher integration (patch.py)."""

@@ -1,0 +1,180 @@
+"""Consistent Self-Attention (CSA), pure torch.
+
+StoryDiffusion (Zhou et al., arXiv 2405.01434, Sec. 3.1): in a self-attention layer, image i of a group keeps
+its own queries Q_i and attends to keys/values of P_i = concat(I_i, S_i), where I_i are all of its own tokens
+and S_i = RandSample(tokens of the other images). The layer's own projections are reused (training-free).
+
+This module works on *projected* q/k/v (``[rows, tokens, heads * dim_head]``), so a shared token is projected
+once, by the image that owns it, and merely gathered by the others. Sampling draws, for every (image, source
+image) pair, exactly ``M = round(rate * N)`` of the source's N tokens without replacement: every token of
+another image is visible with probability ``rate`` (the paper's and the reference app's keep-rate) and every
+image of a group gets the same number of extra keys, so a whole group is ONE batched attention call with no
+mask (two calls when reference images and story images have different key counts). Rate 0 is plain
+self-attention; rate 1 is attention over the union of the group's tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, **_ignored) -> torch.Tensor:
+    """Multi-head attention on ``[rows, tokens, heads*dim_head]`` tensors (same layout out), via torch SDPA.
+
+    The default ``attention_fn``; inside ComfyUI the patch passes ComfyUI's selected backend instead.
+    """
+    rows, nq, inner = q.shape
+    d = inner // heads
+    qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh)
+    return out.transpose(1, 2).reshape(rows, nq, inner)
+
+
+def tokens_per_source(num_tokens: int, rate: float) -> int:
+    """M = round(rate * N): how many tokens of each other image one image sees (0 <= M <= N)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"sampling rate must be in [0, 1], got {rate}")
+    return min(num_tokens, int(math.floor(rate * num_tokens + 0.5)))
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Which tokens each image of a group of ``num_images`` sees besides its own.
+
+    ``ref_count`` R: 0 means all-to-all (the paper): ``all_idx`` (B, (B-1)*M) holds, for every image, flat
+    indices into the group's tokens flattened as ``image * N + token``. R > 0: the first R images are the
+    references; ``ref_idx`` (R, (R-1)*M) for the references (among themselves) and ``story_idx`` (B-R, R*M)
+    for every other image (references only). Index tensors are int64 on the plan's device.
+    """
+
+    num_images: int
+    num_tokens: int
+    per_source: int
+    ref_count: int
+    all_idx: torch.Tensor | None = None
+    ref_idx: torch.Tensor | None = None
+    story_idx: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "SamplingPlan":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return SamplingPlan(self.num_images, self.num_tokens, self.per_source, self.ref_count,
+                            move(self.all_idx), move(self.ref_idx), move(self.story_idx))
+
+
+def _draw(targets: int, sources: list[list[int]], num_tokens: int, per_source: int,
+          generator: torch.Generator) -> torch.Tensor:
+    """For each target t, ``per_source`` distinct tokens from each source image in ``sources[t]``."""
+    n_src = len(sources[0])
+    if targets == 0 or n_src == 0 or per_source == 0:
+        return torch.empty(targets, 0, dtype=torch.long)
+    # Top-M of i.i.d. uniform scores = M tokens drawn without replacement, independently per (target, source).
+    scores = torch.rand(targets, n_src, num_tokens, generator=generator)
+    picked = scores.topk(per_source, dim=-1, sorted=False).indices  # (targets, n_src, M)
+    base = torch.tensor(sources, dtype=torch.long).unsqueeze(-1) * num_tokens
+    return (picked + base).reshape(targets, n_src * per_source)
+
+
+def make_plan(num_images: int, num_tokens: int, rate: float, ref_count: int = 0,
+              generator: torch.Generator | None = None) -> SamplingPlan:
+    """Draw a SamplingPlan on the CPU from ``generator`` (deterministic for a seeded generator).
+
+    ``ref_count`` >= ``num_images`` behaves as all-to-all among the images present.
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    m = tokens_per_source(num_tokens, rate)
+    b, r = num_images, ref_count
+    if r <= 0 or r >= b:
+        srcs = [[j for j in range(b) if j != i] for i in range(b)]
+        return SamplingPlan(b, num_tokens, m, 0, all_idx=_draw(b, srcs, num_tokens, m, generator))
+    ref_srcs = [[j for j in range(r) if j != i] for i in range(r)]
+    story_srcs = [list(range(r)) for _ in range(b - r)]
+    ref_idx = _draw(r, ref_srcs, num_tokens, m, generator) if r > 1 else torch.empty(r, 0, dtype=torch.long)
+    return SamplingPlan(b, num_tokens, m, r, ref_idx=ref_idx,
+                        story_idx=_draw(b - r, story_srcs, num_tokens, m, generator))
+
+
+def attend_with_extra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: torch.Tensor | None,
+                      extra_v: torch.Tensor | None, heads: int, attention_fn: AttentionFn = sdpa_attention,
+                      **attn_kwargs) -> torch.Tensor:
+    """Self-attention of each row over its own keys plus ``extra_k/extra_v`` appended.
+
+    q, k, v: ``[rows, N, C]``; extra: ``[rows, E, C]`` (or None / E = 0: plain attention). Returns ``[rows, N, C]``.
+    """
+    if extra_k is not None and extra_k.shape[1] > 0:
+        k = torch.cat((k, extra_k.to(k.dtype)), dim=1)
+        v = torch.cat((v, extra_v.to(v.dtype)), dim=1)
+    return attention_fn(q, k, v, heads, **attn_kwargs)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x ``[G, B, N, C]``, idx ``[T, E]`` flat into B*N -> ``[G, T, E, C]``."""
+    g, b, n, c = x.shape
+    return x.reshape(g, b * n, c)[:, idx]
+
+
+def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, plan: SamplingPlan,
+                              attention_fn: AttentionFn = sdpa_attention, **attn_kwargs) -> torch.Tensor:
+    """CSA for ``G`` chunks (e.g. CFG halves) of one group of B images, sharing one plan.
+
+    q, k, v: ``[G * B, N, C]`` with ``row = chunk * B + image`` (ComfyUI's layout), C = heads * dim_head, any
+    float dtype. ``plan`` must be on q's device with ``plan.num_images == B`` and ``plan.num_tokens == N``.
+    Returns ``[G * B, N, C]``. Raises ValueError on a shape mismatch.
+    """
+    rows, n, c = q.shape
+    b = plan.num_images
+    if rows % b or n != plan.num_tokens or k.shape[1] != n:
+        raise ValueError(f"CSA: q {tuple(q.shape)} / k {tuple(k.shape)} do not fit a plan for "
+                         f"{b} images x {plan.num_tokens} tokens")
+    if plan.per_source == 0 or b == 1:
+        return attention_fn(q, k, v, heads, **attn_kwargs)
+    g = rows // b
+    q4, k4, v4 = (t.reshape(g, b, n, c) for t in (q, k, v))
+    if plan.ref_count == 0:
+        ek, ev = _gather(k4, plan.all_idx), _gather(v4, plan.all_idx)
+        return attend_with_extra(q, k, v, ek.reshape(rows, -1, c), ev.reshape(rows, -1, c), heads,
+                                 attention_fn, **attn_kwargs)
+    r = plan.ref_count
+
+    def part(sl: slice, idx: torch.Tensor) -> torch.Tensor:
+        qq, kk, vv = (t[:, sl].reshape(-1, n, c) for t in (q4, k4, v4))
+        ek, ev = _gather(k4, idx), _gather(v4, idx)
+        out = attend_with_extra(qq, kk, vv, ek.reshape(qq.shape[0], -1, c), ev.reshape(qq.shape[0], -1, c),
+                                heads, attention_fn, **attn_kwargs)
+        return out.reshape(g, -1, n, c)
+
+    out = torch.cat((part(slice(0, r), plan.ref_idx), part(slice(r, b), plan.story_idx)), dim=1)
+    return out.reshape(rows, n, c)
+
+
+def naive_consistent_self_attention(q, k, v, heads, plan: SamplingPlan, attention_fn: AttentionFn = sdpa_attention):
+    """Reference implementation: a Python loop over images building P_i one at a time.
+
+    Same semantics as :func:`consistent_self_attention`; kept for tests and the benchmark only.
+    """
+    rows, n, c = q.shape
+    b = plan.num_images
+    g = rows // b
+    q4, k4, v4 = (t.reshape(g, b, n, c) for t in (q, k, v))
+    outs = []
+    for chunk in range(g):
+        kf, vf = k4[chunk].reshape(b * n, c), v4[chunk].reshape(b * n, c)
+        for i in range(b):
+            if plan.per_source == 0:
+                idx = torch.empty(0, dtype=torch.long, device=q.device)
+            elif plan.ref_count == 0:
+                idx = plan.all_idx[i]
+            elif i < plan.ref_count:
+                idx = plan.ref_idx[i]
+            else:
+                idx = plan.story_idx[i - plan.ref_count]
+            kk = torch.cat((k4[chunk, i], kf[idx]), 0)[None]
+            vv = torch.cat((v4[chunk, i], vf[idx]), 0)[None]
+            outs.append(attention_fn(q4[chunk, i][None], kk, vv, heads))
+    return torch.cat(outs, 0)

@@ -1,0 +1,274 @@
+"""CSA through ComfyUI's real sampler on real SD1.5 / SDXL block layouts (tiny widths, random weights).
+
+The oracle is an independent attn1 replace written here: per cond_or_uncond chunk, each image attends to the
+union of its group's tokens (rate 1, where CSA has no randomness) or, with references, to itself + the
+references. The pack's patch must match it for every way ComfyUI can batch rows.
+"""
+import math
+
+import pytest
+import torch
+
+from models import small_unet
+
+
+def mha(q, k, v, heads):
+    d = q.shape[-1] // heads
+    qh, kh, vh = (t.reshape(t.shape[0], heads, d).transpose(0, 1) for t in (q, k, v))
+    w = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1)
+    return (w @ vh).transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def oracle(refs=0):
+    def replace(q, k, v, extra):
+        heads, rows = extra["n_heads"], q.shape[0]
+        chunks = len(extra["cond_or_uncond"])
+        if rows != extra["original_shape"][0]:
+            return torch.stack([mha(q[r], k[r], v[r], heads) for r in range(rows)])
+        b = rows // chunks
+        cw = extra.get("context_window")
+        absolute = list(cw.index_list) if cw is not None else list(range(b))
+        ref_pos = [p for p, a in enumerate(absolute) if a < refs]
+        out = torch.empty_like(q)
+        for ch in range(chunks):
+            rs = list(range(ch * b, ch * b + b))
+            for i, row in enumerate(rs):
+                if not ref_pos:
+                    group = rs
+                elif i in ref_pos:
+                    group = [rs[p] for p in ref_pos]
+                else:
+                    group = [row] + [rs[p] for p in ref_pos]
+                out[row] = mha(q[row], k[group].reshape(-1, k.shape[-1]), v[group].reshape(-1, v.shape[-1]), heads)
+        return out
+    return replace
+
+
+def with_oracle(model, refs=0):
+    m = model.clone()
+    for number in range(12):
+        for depth in range(10):
+            m.set_model_attn1_replace(oracle(refs), "output", number, depth)
+    return m
+
+
+def csa_model(pack, model, rate=1.0, refs=0, seed=0, schedule="always", blocks=("output",)):
+    patch = pack("attention.patch")
+    s = patch.CSASettings(rates=((8, rate), (16, rate), (32, rate)), reference_count=refs, seed=seed,
+                          schedule=schedule, blocks=blocks)
+    return patch.apply_csa(model, s)
+
+
+def record_chunks(model, log, log_rows=None):
+    log_rows = [] if log_rows is None else log_rows
+
+    def wrapper(apply_model, args):
+        log.append(list(args["cond_or_uncond"]))
+        log_rows.append(args["input"].shape[0] // len(args["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    model.set_model_unet_function_wrapper(wrapper)
+    return model
+
+
+def sample(model, b, cfg=5.0, steps=2, seed=0, kind="sd15", size=16, positive=None, sampler="euler"):
+    import comfy.sample
+
+    ctx = 64
+    gen = torch.Generator().manual_seed(123)
+    extra = (lambda n: {"pooled_output": torch.randn(n, 1280, generator=gen)}) if kind == "sdxl" else (lambda n: {})
+    if positive is None:
+        positive = [[torch.randn(b, 77, ctx, generator=gen), extra(b)]]
+    negative = [[torch.randn(1, 77, ctx, generator=gen), extra(1)]]
+    latent = torch.zeros(b, 4, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", positive, negative, latent,
+                               seed=seed, disable_pbar=True)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return small_unet("sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return small_unet("sdxl")
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("refs", [0, 2])
+def test_cfg_in_one_call_matches_oracle(pack, sd15, refs):
+    log = []
+    out = sample(record_chunks(csa_model(pack, sd15, refs=refs), log), 4)
+    assert all(len(c) == 2 for c in log)
+    close(out, sample(with_oracle(sd15, refs), 4))
+
+
+def test_forced_memory_split_matches_oracle(pack, sd15, monkeypatch):
+    import comfy.model_management
+
+    expected = sample(with_oracle(sd15), 3)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
+    log = []
+    out = sample(record_chunks(csa_model(pack, sd15), log), 3)
+    assert log and all(len(c) == 1 for c in log), log  # cond and uncond arrived in separate calls
+    close(out, expected)
+
+
+def test_split_and_joined_calls_share_the_sampling(pack, sd15, monkeypatch):
+    import comfy.model_management
+
+    joined = sample(csa_model(pack, sd15, rate=0.5, seed=3), 3)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
+    close(sample(csa_model(pack, sd15, rate=0.5, seed=3), 3), joined)
+
+
+def test_cfg_one_matches_oracle(pack, sd15):
+    log = []
+    out = sample(record_chunks(csa_model(pack, sd15, refs=1), log), 3, cfg=1.0)
+    assert log and all(c == [0] for c in log)
+    close(out, sample(with_oracle(sd15, refs=1), 3, cfg=1.0))
+
+
+def test_several_positive_entries_match_oracle(pack, sd15):
+    gen = torch.Generator().manual_seed(5)
+    positive = [[torch.randn(3, 77, 64, generator=gen), {}], [torch.randn(3, 77, 64, generator=gen), {}]]
+    log = []
+    out = sample(record_chunks(csa_model(pack, sd15), log), 3, positive=positive)
+    assert any(c.count(0) == 2 for c in log), log
+    close(out, sample(with_oracle(sd15), 3, positive=positive))
+
+
+def test_multi_evaluation_sampler_matches_oracle(pack, sd15):
+    close(sample(csa_model(pack, sd15), 2, sampler="heun"), sample(with_oracle(sd15), 2, sampler="heun"))
+
+
+def test_context_windows_group_within_window(pack, sd15, host):
+    cw = host.node_class("ContextWindowsManual")
+
+    def windowed(m):
+        return cw.execute(m, context_length=3, context_overlap=1, context_schedule="standard_static",
+                          context_stride=1, closed_loop=False, fuse_method="pyramid", dim=0)[0]
+    # 5 images in windows of 3: windows without image 0 fall back to all-to-all, as the oracle does.
+    # steps=4: ComfyUI 0.3.75's context handler compares sample_sigmas (steps + 1) with the per-image
+    # timestep elementwise, which only broadcasts when both have 5 entries.
+    log, rows = [], []
+    out = sample(record_chunks(windowed(csa_model(pack, sd15, refs=1)), log, rows), 5, steps=4)
+    assert set(rows) == {3}, rows  # the model only ever saw windows of 3 images
+    close(out, sample(windowed(with_oracle(sd15, refs=1)), 5, steps=4))
+
+
+def test_window_with_references_not_first_is_reordered(pack):
+    # An AnimateDiff-Evolved style window whose rows are absolute images [3, 0, 4, 1]: references 0 and 1
+    # sit at positions 1 and 3. Direct call of one patched layer against the oracle.
+    patch = pack("attention.patch")
+    layer = patch._CSALayer(patch.CSASettings(rates=((8, 1.0), (16, 1.0), (32, 1.0)), reference_count=2),
+                            None, patch._PlanMemo())
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 16, 32, generator=gen) for _ in range(3))
+    sigmas = torch.tensor([5.0, 1.0, 0.0])
+
+    class Window:
+        index_list = [3, 0, 4, 1]
+    extra = {"n_heads": 4, "original_shape": [8, 4, 4, 4], "cond_or_uncond": [1, 0], "sigmas": sigmas[:1],
+             "sample_sigmas": sigmas, "context_window": Window(), "block": ("output", 3), "block_index": 0}
+    close(layer(q, k, v, extra), oracle(refs=2)(q, k, v, extra))
+
+
+def test_sdxl_layout_matches_oracle(pack, sdxl):
+    close(sample(csa_model(pack, sdxl, refs=1), 3, kind="sdxl", steps=1),
+          sample(with_oracle(sdxl, refs=1), 3, kind="sdxl", steps=1))
+
+
+def test_sdxl_patches_the_decoder_self_attention_only(pack, sdxl):
+    patch = pack("attention.patch")
+    m = csa_model(pack, sdxl)
+    keys = set(m.model_options["transformer_options"]["patches_replace"]["attn1"])
+    expected = {("output", n, d) for n in range(6) for d in range(10 if n < 3 else 2)}
+    assert keys == expected  # SDXL up_blocks.0/.1: 36 layers, as the reference app
+    assert len(patch.attention_blocks(sdxl)) == 4 + 20 + 10 + 36  # every transformer block found
+
+
+def test_rate_zero_and_batch_one_are_plain(pack, sd15):
+    close(sample(csa_model(pack, sd15, rate=0.0), 3), sample(sd15, 3))
+    close(sample(csa_model(pack, sd15, rate=1.0), 1), sample(sd15, 1))
+
+
+def test_identical_images_at_rate_one_are_plain(pack, sd15):
+    # Union attention over B identical copies equals plain attention: a mixed-up grouping would not.
+    gen = torch.Generator().manual_seed(9)
+    c = torch.randn(1, 77, 64, generator=gen)
+    positive = [[c.repeat(3, 1, 1), {}]]
+    import comfy.sample
+    latent = torch.zeros(3, 4, 16, 16)
+    noise = torch.randn(1, 4, 16, 16, generator=gen).repeat(3, 1, 1, 1)
+    neg = [[torch.randn(1, 77, 64, generator=gen), {}]]
+    run = lambda m: comfy.sample.sample(m, noise, 2, 5.0, "euler", "normal", positive, neg, latent,  # noqa: E731
+                                        seed=0, disable_pbar=True)
+    close(run(csa_model(pack, sd15)), run(sd15))
+
+
+def test_seeds_determinism_and_isolation(pack, sd15):
+    before = sample(sd15, 3)
+    a = sample(csa_model(pack, sd15, rate=0.5, seed=1), 3)
+    patched = csa_model(pack, sd15, rate=0.5, seed=1)
+    assert torch.equal(sample(patched, 3), a)
+    assert torch.equal(sample(patched, 3), a)  # a second run of the same patched model: no carried state
+    assert not torch.allclose(sample(csa_model(pack, sd15, rate=0.5, seed=2), 3), a)
+    assert not torch.allclose(a, before)
+    assert torch.equal(sample(sd15, 3), before)  # the input model is untouched
+
+
+def test_other_images_influence_each_image(pack, sd15):
+    gen = torch.Generator().manual_seed(4)
+    p1 = torch.randn(3, 77, 64, generator=gen)
+    p2 = p1.clone()
+    p2[2] = torch.randn(77, 64, generator=gen)  # change only image 2's prompt
+    for model, changes in ((sd15, False), (csa_model(pack, sd15, rate=0.5), True)):
+        a = sample(model, 3, positive=[[p1, {}]])
+        b = sample(model, 3, positive=[[p2, {}]])
+        assert torch.allclose(a[0], b[0]) != changes
+
+
+def test_storydiffusion_schedule_is_plain_at_step_zero(pack, sd15):
+    close(sample(csa_model(pack, sd15, schedule="storydiffusion"), 3, steps=1), sample(sd15, 3, steps=1))
+    sd = sample(csa_model(pack, sd15, schedule="storydiffusion", rate=0.5), 3, steps=4)
+    assert torch.equal(sd, sample(csa_model(pack, sd15, schedule="storydiffusion", rate=0.5), 3, steps=4))
+    assert not torch.allclose(sd, sample(csa_model(pack, sd15, rate=0.5), 3, steps=4))
+
+
+def test_existing_attn1_replace_is_composed(pack, sd15):
+    # A previous replace on the same keys must still run, now over the extended keys.
+    calls = []
+
+    def prev(q, k, v, extra):
+        calls.append(k.shape[1] > q.shape[1])
+        return mha_batch(q, k, v, extra["n_heads"])
+    base = sd15.clone()
+    for n in range(12):
+        base.set_model_attn1_replace(prev, "output", n)
+    out = sample(csa_model(pack, base), 3)
+    assert calls and all(calls)
+    close(out, sample(with_oracle(sd15), 3))
+
+
+def mha_batch(q, k, v, heads):
+    return torch.stack([mha(q[r], k[r], v[r], heads) for r in range(q.shape[0])])
+
+
+def test_dit_model_is_refused(pack):
+    import comfy.model_patcher
+    patch = pack("attention.patch")
+    errors = pack("errors")
+
+    class FakeDiT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = torch.nn.ModuleDict({"double_blocks": torch.nn.ModuleList([torch.nn.Linear(4, 4)])})
+
+    mp = comfy.model_patcher.ModelPatcher(FakeDiT(), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(errors.UnsupportedModelError, match="DiT"):
+        patch.apply_csa(mp, patch.CSASettings())
