@@ -1,0 +1,393 @@
+"""IP-Adapter checkpoints and per-frame decoupled cross-attention on ComfyUI's UNet.
+
+Follows IP-Adapter (Ye et al., arXiv 2308.06721; checkpoints of github tencent-ailab/IP-Adapter): image
+tokens get their own key/value projections and their attention output is added to the text attention,
+``out = attn(q, K_text, V_text) + weight * attn(q, to_k_ip(img), to_v_ip(img))`` (the same query, the
+same heads), before the layer's output projection. StoryDiffusion's SMP decodes predicted per-frame
+embeddings this way (arXiv 2405.01434, Sec. 3.2: each frame attends over text tokens and its own image
+tokens).
+
+Checkpoint layout (``.bin``: ``{"image_proj": {...}, "ip_adapter": {...}}``; ``.safetensors``: the same
+keys flattened as ``image_proj.<k>`` / ``ip_adapter.<k>``):
+
+* plain (``ip-adapter_sd15``): ``image_proj.proj.{weight,bias}`` Linear(1024 -> 4 * 768) and
+  ``image_proj.norm.{weight,bias}`` LayerNorm(768): 4 tokens from CLIP ``image_embeds`` (1024).
+* plus (``ip-adapter-plus_sd15``): a perceiver resampler: ``latents`` (1, 16, 768), ``proj_in``
+  Linear(1280 -> 768), ``layers.<i>.0.{norm1,norm2}`` LayerNorms, ``layers.<i>.0.to_q`` (768 -> 768,
+  no bias), ``layers.<i>.0.to_kv`` (768 -> 1536, no bias), ``layers.<i>.0.to_out`` (768 -> 768, no
+  bias), feed-forward ``layers.<i>.1.0`` LayerNorm, ``.1.1`` Linear(768 -> 3072, no bias), GELU,
+  ``.1.3`` Linear(3072 -> 768, no bias); ``proj_out`` Linear(768 -> 768), ``norm_out`` LayerNorm(768);
+  depth 4, 64-dim heads: 16 tokens from the CLIP vision penultimate hidden states (257 x 1280).
+* ``ip_adapter.<n>.to_k_ip.weight`` / ``to_v_ip.weight`` (inner x 768, no bias) for n = 1, 3, ..., 31:
+  diffusers numbers every attention processor (self, cross, self, cross, ...) in the order down blocks,
+  up blocks, mid block, and only cross-attention processors (odd n) carry weights. In ComfyUI terms that
+  is input blocks 1, 2, 4, 5, 7, 8, then output blocks 3..11, then the middle block (the per-processor
+  channel list 320x4, 640x4, 1280x4, 1280x6, 640x6, 320x6, 1280x2 confirms it), which is the order
+  :func:`cross_attention_blocks` enumerates.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NODE_APPLY = "SDN_ApplyTransitionEmbeds"
+NODE_LOAD = "SDN_IPAdapterLoader"
+
+
+# ----------------------------------------------------------------------------------------------------
+# image projection models (module names match the checkpoint keys)
+
+class PlainImageProj(nn.Module):
+    """CLIP image_embeds (B, D_clip) -> (B, tokens, D_cross): Linear then LayerNorm per token."""
+
+    def __init__(self, clip_dim: int, cross_dim: int, tokens: int):
+        super().__init__()
+        self.tokens, self.cross_dim = tokens, cross_dim
+        self.proj = nn.Linear(clip_dim, tokens * cross_dim)
+        self.norm = nn.LayerNorm(cross_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:  # (B, 1, D) is accepted as (B, D)
+            x = x[:, 0]
+        return self.norm(self.proj(x).reshape(x.shape[0], self.tokens, self.cross_dim))
+
+
+class _PerceiverAttention(nn.Module):
+    def __init__(self, dim: int, inner: int, dim_head: int):
+        super().__init__()
+        self.heads = inner // dim_head
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x, latents):
+        x, latents = self.norm1(x), self.norm2(latents)
+        # queries: the latents; keys/values: image features and the latents themselves
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
+        b = latents.shape[0]
+
+        def heads(t):
+            return t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)
+
+        o = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        return self.to_out(o.transpose(1, 2).reshape(b, latents.shape[1], -1))
+
+
+class ResamplerImageProj(nn.Module):
+    """CLIP hidden states (B, N, D_clip) -> (B, queries, D_out) with a perceiver resampler."""
+
+    def __init__(self, clip_dim: int, dim: int, out_dim: int, queries: int, depth: int, inner: int,
+                 ff_inner: int, dim_head: int = 64):
+        super().__init__()
+        self.latents = nn.Parameter(torch.zeros(1, queries, dim))
+        self.proj_in = nn.Linear(clip_dim, dim)
+        self.proj_out = nn.Linear(dim, out_dim)
+        self.norm_out = nn.LayerNorm(out_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([
+                _PerceiverAttention(dim, inner, dim_head),
+                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_inner, bias=False), nn.GELU(),
+                              nn.Linear(ff_inner, dim, bias=False)),
+            ]) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj_in(x)
+        lat = self.latents.expand(x.shape[0], -1, -1)
+        for attn, ff in self.layers:
+            lat = attn(x, lat) + lat
+            lat = ff(lat) + lat
+        return self.norm_out(self.proj_out(lat))
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoint parsing
+
+@dataclass
+class IPAdapterModel:
+    """A parsed IP-Adapter: ``kind`` "plain" | "plus", ``image_proj`` module (CPU, eval),
+    ``layers`` list of ``(to_k_ip weight, to_v_ip weight)`` in checkpoint order, each (inner, cross_dim),
+    ``clip_dim`` (input width: 1024 plain / 1280 plus for ViT-H), ``cross_dim`` (768 for SD1.5),
+    ``tokens`` (image tokens per frame: 4 plain / 16 plus)."""
+    kind: str
+    image_proj: nn.Module
+    layers: list
+    clip_dim: int
+    cross_dim: int
+    tokens: int
+
+    @property
+    def embeds_kind(self) -> str:
+        return "penultimate_hidden_states" if self.kind == "plus" else "image_embeds"
+
+    def __repr__(self):
+        return (f"IPAdapterModel(kind={self.kind}, tokens={self.tokens}, clip_dim={self.clip_dim}, "
+                f"cross_dim={self.cross_dim}, layers={len(self.layers)})")
+
+
+def split_state_dict(sd: dict) -> tuple[dict, dict]:
+    """Return ``(image_proj, ip_adapter)`` sub-dicts of a nested (.bin) or flat (.safetensors) state dict."""
+    if "image_proj" in sd and isinstance(sd["image_proj"], dict):
+        return dict(sd["image_proj"]), dict(sd.get("ip_adapter", {}))
+    proj, ip = {}, {}
+    for k, v in sd.items():
+        if k.startswith("image_proj."):
+            proj[k[len("image_proj."):]] = v
+        elif k.startswith("ip_adapter."):
+            ip[k[len("ip_adapter."):]] = v
+    return proj, ip
+
+
+def parse_state_dict(sd: dict, source: str = "ipadapter") -> IPAdapterModel:
+    """Build an :class:`IPAdapterModel` from a checkpoint state dict; detects plain vs plus by keys.
+
+    Raises NodeInputError (node SDN_IPAdapterLoader, input ``ipadapter_name``) for an unknown image
+    projection (FaceID, "full" MLP, ...), missing/odd ip layers or inconsistent shapes.
+    """
+    from ..errors import NodeInputError
+
+    def bad(expected, got):
+        return NodeInputError(NODE_LOAD, "ipadapter_name", expected, got=f"{source}: {got}")
+
+    proj, ip = split_state_dict(sd)
+    if not proj or not ip:
+        raise bad("an IP-Adapter checkpoint with 'image_proj' and 'ip_adapter' weights",
+                  f"top-level keys {sorted({k.split('.')[0] for k in sd})[:8]}")
+    proj = {k: v.float() for k, v in proj.items()}
+    if "latents" in proj and "proj_in.weight" in proj:
+        depth = len({int(m.group(1)) for k in proj if (m := re.match(r"layers\.(\d+)\.", k))})
+        _, queries, dim = proj["latents"].shape
+        clip_dim = proj["proj_in.weight"].shape[1]
+        out_dim = proj["proj_out.weight"].shape[0]
+        inner = proj["layers.0.0.to_q.weight"].shape[0]
+        ff_inner = proj["layers.0.1.1.weight"].shape[0]
+        if inner % 64:
+            raise bad("perceiver attention widths that are multiples of 64 (IP-Adapter plus)", f"{inner}")
+        module = ResamplerImageProj(clip_dim, dim, out_dim, queries, depth, inner, ff_inner)
+        kind, cross_dim, tokens = "plus", out_dim, queries
+    elif set(proj) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+        cross_dim = proj["norm.weight"].shape[0]
+        total, clip_dim = proj["proj.weight"].shape
+        if total % cross_dim:
+            raise bad("proj rows = tokens x norm width", f"{total} rows, norm {cross_dim}")
+        module = PlainImageProj(clip_dim, cross_dim, total // cross_dim)
+        kind, tokens = "plain", total // cross_dim
+    else:
+        raise bad("plain ('proj', 'norm') or plus ('latents', 'proj_in', 'layers', ...) image_proj keys "
+                  "(FaceID and MLP-projection variants are not supported)", f"keys {sorted(proj)[:6]}")
+    missing, unexpected = module.load_state_dict(proj, strict=False)
+    if missing or unexpected:
+        raise bad("image_proj keys of the detected layout", f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    module.eval().requires_grad_(False)
+
+    numbers = sorted({int(k.split(".")[0]) for k in ip if k.split(".")[0].isdigit()})
+    layers = []
+    for n in numbers:
+        kk, vk = f"{n}.to_k_ip.weight", f"{n}.to_v_ip.weight"
+        if kk not in ip or vk not in ip:
+            raise bad(f"'{kk}' and '{vk}'", "one of them missing")
+        k_w, v_w = ip[kk].float(), ip[vk].float()
+        if k_w.shape != v_w.shape or k_w.shape[1] != cross_dim:
+            raise bad(f"to_k_ip/to_v_ip of shape (inner, {cross_dim})", f"{tuple(k_w.shape)}, {tuple(v_w.shape)}")
+        layers.append((k_w, v_w))
+    if numbers != list(range(1, 2 * len(numbers), 2)):
+        raise bad("ip layers numbered 1, 3, 5, ... (one per cross-attention)", f"{numbers[:6]}...")
+    return IPAdapterModel(kind, module, layers, clip_dim, cross_dim, tokens)
+
+
+# ----------------------------------------------------------------------------------------------------
+# UNet layout
+
+def cross_attention_blocks(model_patcher) -> list[tuple[tuple[str, int, int], nn.Module]]:
+    """``[((block_name, number, depth_index), attn2 module), ...]`` in IP-Adapter checkpoint order:
+    input blocks, then output blocks, then the middle block (diffusers: down, up, mid)."""
+    from ..errors import UnsupportedModelError
+
+    dm = model_patcher.model.diffusion_model
+    if not all(hasattr(dm, a) for a in ("input_blocks", "output_blocks", "middle_block")):
+        raise UnsupportedModelError(f"{NODE_APPLY}: IP-Adapter injection needs a UNet (SD1.x/SD2.x/SDXL); "
+                                    f"got {type(dm).__name__}")
+    out = []
+    for name, blocks in (("input", list(dm.input_blocks)), ("output", list(dm.output_blocks)),
+                         ("middle", [dm.middle_block])):
+        for number, blk in enumerate(blocks):
+            for layer in blk:
+                for depth, tb in enumerate(getattr(layer, "transformer_blocks", [])):
+                    if getattr(tb, "attn2", None) is not None:
+                        out.append(((name, number, depth), tb.attn2))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# per-frame routing
+
+def frame_indices(extra_options: dict, batch: int, total: int) -> list[int]:
+    """Frame index (into the full video) of each of the ``batch`` latents of this model call.
+
+    AnimateDiff-Evolved: ``extra_options["ad_params"]["sub_idxs"]`` (None when not windowed; then
+    ``full_length`` frames are all present). Core context windows: ``extra_options["context_window"]
+    .index_list``. Otherwise the batch is the whole video. Raises NodeInputError when the embeds do not
+    cover the video (``total`` != number of latents).
+    """
+    from ..errors import NodeInputError
+
+    ad = extra_options.get("ad_params") or {}
+    full = ad.get("full_length")
+    idx = None
+    if ad.get("sub_idxs") is not None:
+        idx = [int(i) for i in ad["sub_idxs"]]
+    elif extra_options.get("context_window") is not None:
+        idx = [int(i) for i in extra_options["context_window"].index_list]
+    if idx is None:
+        idx = list(range(batch))
+        full = batch if full is None else full
+    if full is not None and full != total:
+        raise NodeInputError(NODE_APPLY, "embeds", f"one embedding per frame ({full} latent frames)",
+                             got=f"{total} frames of embeds")
+    if len(idx) != batch:
+        raise NodeInputError(NODE_APPLY, "embeds", f"a context window of {batch} latents",
+                             got=f"{len(idx)} window indices")
+    if max(idx) >= total:
+        raise NodeInputError(NODE_APPLY, "embeds", f"embeds covering frame {max(idx)} of the context window",
+                             got=f"{total} frames of embeds")
+    return idx
+
+
+class IPAdapterAttn2:
+    """One ``attn2`` replace patch: decoupled cross-attention with per-frame image tokens.
+
+    ``pos``/``neg``: projected image tokens (F, T, D_cross) for positive / negative chunks; ``k_w``/``v_w``:
+    this layer's to_k_ip/to_v_ip (inner, D_cross). ``sigma_range`` (high, low): active when
+    low <= sigma <= high. Immutable: ``to(device)`` returns a moved copy, ``deepcopy`` returns self (see
+    comfy-host pitfall 8: ModelPatcher.clone deep-copies model_options).
+    """
+
+    def __init__(self, pos, neg, k_w, v_w, weight: float, sigma_range=None):
+        self.pos, self.neg, self.k_w, self.v_w = pos, neg, k_w, v_w
+        self.weight = float(weight)
+        self.sigma_range = sigma_range
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, device):
+        return IPAdapterAttn2(self.pos.to(device), self.neg.to(device), self.k_w.to(device),
+                              self.v_w.to(device), self.weight, self.sigma_range)
+
+    def _active(self, extra_options) -> bool:
+        if self.sigma_range is None:
+            return True
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return True
+        s = float(sigmas.detach().flatten()[0])
+        hi, lo = self.sigma_range
+        return lo <= s <= hi
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        heads = extra_options["n_heads"]
+        prec = extra_options.get("attn_precision")
+        out = optimized_attention(q, k, v, heads, attn_precision=prec)
+        if self.weight == 0.0 or not self._active(extra_options):
+            return out
+        chunks = list(extra_options.get("cond_or_uncond") or [0])
+        rows = q.shape[0]
+        if rows % len(chunks):
+            raise RuntimeError(f"{NODE_APPLY}: {rows} rows do not split into {len(chunks)} cond/uncond chunks")
+        batch = rows // len(chunks)
+        if self.pos.shape[0] == 1:  # one image prompt for every frame
+            idx = [0] * batch
+        else:
+            idx = frame_indices(extra_options, batch, self.pos.shape[0])
+        idx_t = torch.tensor(idx, device=self.pos.device)
+        pos, neg = self.pos.index_select(0, idx_t), self.neg.index_select(0, idx_t)
+        # row = chunk * batch + frame; negative chunks (1) take the negative image tokens
+        img = torch.cat([neg if c == 1 else pos for c in chunks], dim=0).to(q.device, q.dtype)
+        ik = img @ self.k_w.to(q.device, q.dtype).t()
+        iv = img @ self.v_w.to(q.device, q.dtype).t()
+        return out + self.weight * optimized_attention(q, ik, iv, heads, attn_precision=prec)
+
+
+def check_fits_unet(adapter: IPAdapterModel, blocks) -> None:
+    """NodeInputError unless ``adapter`` has one ip layer per cross-attention block of ``blocks`` (from
+    :func:`cross_attention_blocks`), each shaped like that block's to_k (inner, context width)."""
+    from ..errors import NodeInputError
+
+    if len(blocks) != len(adapter.layers):
+        raise NodeInputError(NODE_APPLY, "ipadapter",
+                             f"an IP-Adapter made for this UNet ({len(blocks)} cross-attention layers)",
+                             got=f"{len(adapter.layers)} ip layers")
+    for (key, attn2), (k_w, _) in zip(blocks, adapter.layers):
+        if tuple(attn2.to_k.weight.shape) != tuple(k_w.shape):
+            raise NodeInputError(NODE_APPLY, "ipadapter",
+                                 f"to_k_ip of {key} shaped {tuple(attn2.to_k.weight.shape)} like the UNet's to_k",
+                                 got=f"{tuple(k_w.shape)}")
+
+
+def project_embeds(adapter: IPAdapterModel, embeds: torch.Tensor, input_name: str = "embeds",
+                   chunk: int = 16) -> torch.Tensor:
+    """Image tokens (F, tokens, cross_dim) float32 on CPU from EMBEDS (plus: (F, N, clip_dim); plain:
+    (F, clip_dim)). Runs on ComfyUI's torch device in chunks of ``chunk`` frames. NodeInputError when the
+    embeds do not fit the adapter kind."""
+    import comfy.model_management as mm
+    from ..errors import NodeInputError
+
+    if not isinstance(embeds, torch.Tensor):
+        raise NodeInputError(NODE_APPLY, input_name, "an EMBEDS tensor", got=type(embeds).__name__)
+    if adapter.kind == "plus":
+        ok = embeds.ndim == 3 and embeds.shape[-1] == adapter.clip_dim
+        want = f"(frames, tokens, {adapter.clip_dim}) penultimate hidden states (IP-Adapter plus)"
+    else:
+        ok = (embeds.ndim == 2 or (embeds.ndim == 3 and embeds.shape[1] == 1)) and embeds.shape[-1] == adapter.clip_dim
+        want = f"(frames, {adapter.clip_dim}) image_embeds (plain IP-Adapter)"
+    if not ok:
+        raise NodeInputError(NODE_APPLY, input_name, want, got=f"shape {tuple(embeds.shape)}")
+    device = mm.get_torch_device()
+    proj = adapter.image_proj.to(device)
+    outs = []
+    with torch.no_grad():
+        for s in range(0, embeds.shape[0], chunk):
+            mm.throw_exception_if_processing_interrupted()
+            outs.append(proj(embeds[s:s + chunk].to(device, torch.float32)).float().cpu())
+    adapter.image_proj.to("cpu")
+    return torch.cat(outs, dim=0)
+
+
+def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tensor, negative=None,
+                     weight: float = 1.0, start_percent: float = 0.0, end_percent: float = 1.0):
+    """A patched clone of ``model_patcher``: every cross-attention block gets an :class:`IPAdapterAttn2`.
+
+    embeds: EMBEDS (F frames; F == 1 applies to every frame), negative: same shape or None (zeros).
+    Frame f of the latent batch (of the full video under context windows) uses embeds[f].
+    Raises NodeInputError when the adapter does not fit the UNet (layer count, widths) or the embeds.
+    """
+    from ..errors import NodeInputError
+
+    blocks = cross_attention_blocks(model_patcher)
+    check_fits_unet(adapter, blocks)
+    pos = project_embeds(adapter, embeds, "embeds")
+    if negative is None:
+        neg = project_embeds(adapter, torch.zeros_like(embeds), "embeds")
+    else:
+        if tuple(negative.shape) != tuple(embeds.shape) and not (
+                negative.shape[0] == 1 and tuple(negative.shape[1:]) == tuple(embeds.shape[1:])):
+            raise NodeInputError(NODE_APPLY, "negative_embeds", f"the shape of embeds {tuple(embeds.shape)}",
+                                 got=f"{tuple(negative.shape)}")
+        neg = project_embeds(adapter, negative, "negative_embeds")
+    if neg.shape[0] == 1 and pos.shape[0] > 1:
+        neg = neg.expand(pos.shape[0], -1, -1).contiguous()
+    sigma_range = None
+    if start_percent > 0.0 or end_percent < 1.0:
+        ms = model_patcher.get_model_object("model_sampling")
+        sigma_range = (ms.percent_to_sigma(start_percent), ms.percent_to_sigma(end_percent))
+    m = model_patcher.clone()
+    for (key, _), (k_w, v_w) in zip(blocks, adapter.layers):
+        m.set_model_attn2_replace(IPAdapterAttn2(pos, neg, k_w, v_w, weight, sigma_range), *key)
+    return m
