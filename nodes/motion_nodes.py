@@ -1,2 +1,95 @@
-"""Placeholder until the nodes land."""
-NODES = []
+"""Semantic Motion Predictor nodes: load a predictor from ComfyUI's ``models/motion_predictors`` folder.
+
+The folder is registered with ``folder_paths`` when this module is imported (ComfyUI's loader imports it in
+``comfy_entrypoint``; registering is cheap and idempotent). ``extra_model_paths.yaml`` may add more paths under
+the key ``motion_predictors``.
+"""
+import json
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..errors import NodeInputError
+from ..motion.checkpoint import MotionPredictorFileError, load_predictor
+
+FOLDER = "motion_predictors"
+EXTENSIONS = {".safetensors"}
+MOTION_PREDICTOR = io.Custom("SDN_MOTION_PREDICTOR")
+
+
+def register_model_folder() -> None:
+    """Add ``<models>/motion_predictors`` (extension .safetensors) to ComfyUI's model folders; idempotent."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
+        return
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    if default not in paths:
+        paths.append(default)
+    if isinstance(exts, set):
+        exts.update(EXTENSIONS)
+    elif isinstance(exts, list):
+        exts.extend(e for e in EXTENSIONS if e not in exts)
+
+
+register_model_folder()
+
+
+class MotionPredictorLoader(io.ComfyNode):
+    """Load a Semantic Motion Predictor (StoryDiffusion's transition model) trained with
+    scripts/train_motion_predictor.py. Its file records the CLIP vision output it was trained on."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        register_model_folder()
+        return io.Schema(
+            node_id="SDN_MotionPredictorLoader",
+            display_name="Load Motion Predictor (StoryDiffusion)",
+            category="StoryDiffusion/video",
+            description=cls.__doc__,
+            inputs=[
+                io.Combo.Input("predictor_name", options=folder_paths.get_filename_list(FOLDER), tooltip=(
+                    "A .safetensors file in models/motion_predictors. It must have been trained on the same "
+                    "CLIP vision model you encode the keyframes with (ViT-H penultimate tokens or image embeds).")),
+            ],
+            outputs=[MOTION_PREDICTOR.Output(
+                "predictor", tooltip="The predictor module (on the CPU; the node using it moves it to the device).")],
+        )
+
+    @classmethod
+    def execute(cls, predictor_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path(FOLDER, predictor_name)
+        if path is None:
+            raise NodeInputError("SDN_MotionPredictorLoader", "predictor_name",
+                                 f"a file in {folder_paths.get_folder_paths(FOLDER)}", got=repr(predictor_name))
+        return io.NodeOutput(load_predictor(path, device="cpu"))
+
+
+class MotionPredictorInfo(io.ComfyNode):
+    """Show what a motion predictor expects: CLIP vision output, tokens, width, frame limit, training notes."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDN_MotionPredictorInfo",
+            display_name="Motion Predictor Info (StoryDiffusion)",
+            category="StoryDiffusion/video",
+            description=cls.__doc__,
+            inputs=[MOTION_PREDICTOR.Input("predictor", tooltip="From Load Motion Predictor.")],
+            outputs=[io.String.Output("info", tooltip="The predictor's architecture config as JSON text.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, predictor) -> io.NodeOutput:
+        if not hasattr(predictor, "config"):
+            raise NodeInputError("SDN_MotionPredictorInfo", "predictor", "a motion predictor",
+                                 got=type(predictor).__name__)
+        text = json.dumps(predictor.config, indent=1, sort_keys=True)
+        return io.NodeOutput(text, ui={"text": [text]})
+
+
+NODES = [MotionPredictorLoader, MotionPredictorInfo]
+
+__all__ = ["NODES", "MotionPredictorLoader", "MotionPredictorInfo", "register_model_folder", "MotionPredictorFileError"]

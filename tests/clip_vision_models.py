@@ -6,8 +6,8 @@ layout that ``comfy.clip_vision.load(path)`` detects as ViT-H (it keys on ``enco
 ``CLIPVisionLoader`` node loads it. Write it once per test session (``tmp_path_factory``) and keep the number of
 ViT-H encodes small: about 1-3 s per image on a 2-core CPU.
 
-``kind="small"``: the same ``CLIPVisionModelProjection`` class with 2 layers, width 64, projection 32, still
-224 px / patch 14 -> 257 tokens. ``comfy.clip_vision.load`` cannot detect such a config (its detection needs
+``kind="small"``: the same ``CLIPVisionModelProjection`` class with 2 layers, width 64, projection 32, 224 px input
+and patch 32 -> 7x7 + 1 = 50 tokens (fewer tokens keep predictor training on a CPU fast). ``comfy.clip_vision.load`` cannot detect such a config (its detection needs
 23+ layers and would return None), so a copy of the JSON config is written next to the weights
 (``config_path(path)``) and ``load_clip_vision(path)`` builds it with ``comfy.clip_vision.ClipVisionModel(json)``
 + ``load_sd`` (the same class the stock loader returns; ``encode_image`` works the same).
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 SMALL_OVERRIDES = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2,
-                   "projection_dim": 32}
+                   "projection_dim": 32, "patch_size": 32}
 # What the two kinds give per image: (tokens, hidden width, image_embeds width).
-SHAPES = {"vit_h": (257, 1280, 1024), "small": (257, 64, 32)}
+SHAPES = {"vit_h": (257, 1280, 1024), "small": (50, 64, 32)}
 
 
 def comfy_vit_h_config() -> dict:
