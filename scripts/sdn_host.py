@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import logging
 import os
 import sys
 import types
@@ -143,24 +144,28 @@ class WorkflowError(RuntimeError):
 _HOST: Host | None = None
 
 
-def bootstrap(base_directory: str | os.PathLike, comfyui: str | None = None, cpu: bool | None = None,
+def bootstrap(base_directory: str | os.PathLike | None = None, comfyui: str | None = None, cpu: bool | None = None,
               load_extras: bool = True) -> Host:
     """Import ComfyUI into this process once and load this pack through ComfyUI's custom-node loader.
 
-    ``base_directory`` receives models/, input/, output/, custom_nodes/ (the pack is linked into
-    ``custom_nodes/comfyui-storydiffusion-native``). ``cpu``: force CPU (default: CPU when CUDA is absent).
-    A process can host one ComfyUI; a second call returns the first host.
+    ``base_directory``: where models/, input/, output/, custom_nodes/ live. Given (tests, the pinned copy):
+    the folders are created there and the pack is linked into ``custom_nodes/comfyui-storydiffusion-native``.
+    None: the ComfyUI folder's own (a user's checkout; the pack is loaded from where it is).
+    ``cpu``: force CPU (default: CPU when CUDA is absent). One ComfyUI per process: a second call returns
+    the first host.
     """
     global _HOST
     if _HOST is not None:
         return _HOST
     root = find_comfyui_root(comfyui)
-    base = Path(base_directory).resolve()
-    for sub in ("models", "input", "output", "temp", "custom_nodes", "user"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    link = base / "custom_nodes" / PACK_DIR_NAME
-    if not link.exists():
-        link.symlink_to(PACK_ROOT, target_is_directory=True)
+    base = Path(base_directory).resolve() if base_directory is not None else root
+    pack_path = PACK_ROOT
+    if base_directory is not None:
+        for sub in ("models", "input", "output", "temp", "custom_nodes", "user"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        pack_path = base / "custom_nodes" / PACK_DIR_NAME
+        if not pack_path.exists():
+            pack_path.symlink_to(PACK_ROOT, target_is_directory=True)
 
     _stub_torchvision_if_broken()
     if str(root) not in sys.path:
@@ -169,23 +174,30 @@ def bootstrap(base_directory: str | os.PathLike, comfyui: str | None = None, cpu
     import comfy.options  # noqa: F401  (args parsing stays off: our argv is not ComfyUI's)
     from comfy.cli_args import args
     args.cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-    args.base_directory = str(base)
+    if base_directory is not None:
+        args.base_directory = str(base)
     args.use_pytorch_cross_attention = True
-    args.disable_all_custom_nodes = False
     import utils.extra_config  # noqa: F401  (before `nodes`: see comfy-host pitfalls)
     import folder_paths
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.set_input_directory(str(base / "input"))
-    folder_paths.set_temp_directory(str(base / "temp"))
+    if base_directory is not None:
+        folder_paths.set_output_directory(str(base / "output"))
+        folder_paths.set_input_directory(str(base / "input"))
+        folder_paths.set_temp_directory(str(base / "temp"))
     import nodes
     import execution
 
     if load_extras:
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    ok = asyncio.run(nodes.load_custom_node(str(link)))
-    if not ok:
-        raise HostError(f"ComfyUI failed to load the pack from {link}; see the log above.")
-    module_name = str(link).replace(".", "_x_")
+        # ComfyUI warns about every built-in extra whose optional dependency (torchaudio...) is absent.
+        root_logger = logging.getLogger()
+        level = root_logger.level
+        root_logger.setLevel(logging.ERROR)
+        try:
+            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        finally:
+            root_logger.setLevel(level)
+    if not asyncio.run(nodes.load_custom_node(str(pack_path))):
+        raise HostError(f"ComfyUI failed to load the pack from {pack_path}; see the log above.")
+    module_name = str(pack_path).replace(".", "_x_")
     _HOST = Host(root=root, base_directory=base, nodes=nodes, execution=execution, pack_module_name=module_name)
     return _HOST
 

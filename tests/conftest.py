@@ -1,6 +1,7 @@
 """Test host: a real ComfyUI (``scripts/sdn_host.py``), the pack loaded through ComfyUI's custom-node loader,
 and models of the real SD1.5 / SDXL architectures with random weights. Nothing here downloads anything.
 """
+import asyncio
 import sys
 from pathlib import Path
 
@@ -15,10 +16,26 @@ import sdn_host  # noqa: E402
 
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
-    return sdn_host.bootstrap(tmp_path_factory.mktemp("comfy_base"))
+    h = sdn_host.bootstrap(tmp_path_factory.mktemp("comfy_base"))
+    # Test-only nodes (small real-architecture models) through the same loader.
+    assert asyncio.run(h.nodes.load_custom_node(str(REPO / "tests" / "sdn_test_nodes")))
+    return h
 
 
 @pytest.fixture(scope="session")
 def pack(host):
     """Import a pack submodule by dotted name: ``pack("attention.csa")``."""
     return host.pack_module
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(host):
+    """File name (in models/checkpoints) of a full-size SD1.5 checkpoint with random weights."""
+    from checkpoints import write_random_checkpoint
+
+    folder = host.base_directory / "models" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "sdn-random-sd15.safetensors"
+    if not (folder / name).exists():
+        write_random_checkpoint(folder / name, "sd15")
+    return name

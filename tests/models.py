@@ -20,8 +20,11 @@ def init_weights_(module: torch.nn.Module, seed: int = 0, scale: float = 0.02) -
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True):
-    """Return a ``comfy.model_patcher.ModelPatcher`` around a real-layout UNet with random weights."""
+def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True, context_dim: int = 64):
+    """Return a ``comfy.model_patcher.ModelPatcher`` around a real-layout UNet with random weights.
+
+    ``context_dim``: width of the text tokens cross-attention reads (768 for a real SD1.5 CLIP, 2048 SDXL).
+    """
     import comfy.model_patcher
     import comfy.supported_models as sm
 
@@ -31,7 +34,7 @@ def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True):
             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32 if tiny else 320,
             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-            "context_dim": 64 if tiny else 768, "num_heads": 8, "num_head_channels": -1,
+            "context_dim": context_dim if tiny else 768, "num_heads": 8, "num_head_channels": -1,
             "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
             "dtype": torch.float32,
         }
@@ -42,7 +45,7 @@ def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True):
             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
             "model_channels": 64 if tiny else 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-            "context_dim": 64 if tiny else 2048, "num_head_channels": 64 if not tiny else 16,
+            "context_dim": context_dim if tiny else 2048, "num_head_channels": 64 if not tiny else 16,
             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
             "dtype": torch.float32,
         }

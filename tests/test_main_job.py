@@ -1,0 +1,39 @@
+"""The README's main-job command, run as a user would (a subprocess with its own in-process ComfyUI)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "run_workflow.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_without_checkpoint_says_what_to_do(tmp_path):
+    proc = run("--workflow", "comic_sd15", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "no usable checkpoint" in proc.stderr and "models/checkpoints" in proc.stderr
+    assert "--checkpoint" in proc.stderr
+
+
+def test_unknown_workflow_lists_shipped_ones(tmp_path):
+    proc = run("--workflow", "nope", cwd=tmp_path)
+    assert proc.returncode == 2 and "comic_sd15" in proc.stderr
+
+
+def test_comic_pages_written(tmp_path, host, sd15_checkpoint):
+    ckpt = host.base_directory / "models" / "checkpoints" / sd15_checkpoint
+    story = tmp_path / "story.txt"
+    story.write_text("[Bo] a small robot with a red antenna\n[Bo] in a kitchen # Hello.\n[Bo] on the moon # Bye.\n")
+    proc = run("--checkpoint", str(ckpt), "--story", str(story), "--steps", "1", "--size", "64",
+               "--out", str(tmp_path / "pages"), "--cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [Path(line) for line in proc.stdout.splitlines() if line.endswith(".png")]
+    assert len(written) == 1 and written[0].is_file() and written[0].is_relative_to(tmp_path / "pages")
+    page = np.asarray(Image.open(written[0]).convert("RGB"))
+    assert page.shape == (1024, 1024, 3) and page.std() > 5
