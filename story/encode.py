@@ -55,9 +55,7 @@ def encode_panels(clip, prompts: list[str]) -> list:
     from comfy import model_management
     from comfy.utils import ProgressBar
 
-    pbar = ProgressBar(len(prompts) + 1)
-    empty = _encode(clip, "")
-    pbar.update(1)
+    pbar = ProgressBar(len(prompts))
     encoded = []
     for text in prompts:
         model_management.throw_exception_if_processing_interrupted()
@@ -65,7 +63,10 @@ def encode_panels(clip, prompts: list[str]) -> list:
         pbar.update(1)
 
     length = max(e["cond"].shape[1] for e in encoded)
-    cond = torch.cat([_pad_tokens(e["cond"], length, empty["cond"]) for e in encoded], dim=0)
+    # the empty chunk costs a forward pass: only when some panel needs padding
+    empty = _encode(clip, "") if any(e["cond"].shape[1] != length for e in encoded) else None
+    cond = torch.cat([_pad_tokens(e["cond"], length, empty["cond"]) if empty is not None else e["cond"]
+                      for e in encoded], dim=0)
 
     extras: dict = {}
     keys = [k for k in encoded[0] if k != "cond"]
@@ -76,11 +77,14 @@ def encode_panels(clip, prompts: list[str]) -> list:
                 extras[key] = torch.cat([v.reshape(1, -1) for v in values], dim=0)
             continue  # encoders without a pooled vector give None: leave it out
         if key == "attention_mask" and all(isinstance(v, torch.Tensor) for v in values) \
-                and isinstance(empty.get(key), torch.Tensor):
+                and (empty is None or isinstance(empty.get(key), torch.Tensor)):
             masks = []
             for v, e in zip(values, encoded):
-                reps = (length - e["cond"].shape[1]) // max(empty["cond"].shape[1], 1)
-                masks.append(torch.cat([v.reshape(1, -1)] + [empty[key].reshape(1, -1).to(v)] * reps, dim=1))
+                parts = [v.reshape(1, -1)]
+                if empty is not None:
+                    reps = (length - e["cond"].shape[1]) // empty["cond"].shape[1]
+                    parts += [empty[key].reshape(1, -1).to(v)] * reps
+                masks.append(torch.cat(parts, dim=1))
             extras[key] = torch.cat(masks, dim=0)
             continue
         first = values[0]

@@ -1,0 +1,151 @@
+"""SDN_StoryPrompt through ComfyUI's executor, with a real SD1.5 CLIP-L text encoder (random weights) loaded by the
+core CLIPLoader (type stable_diffusion, ComfyUI's bundled SD1 tokenizer).
+
+Expectations are computed here by encoding each hand-expanded panel prompt alone with the same CLIP.
+"""
+import re
+
+import pytest
+import torch
+
+CLIP_NAME = "sdn_story_test_clip_l.safetensors"
+
+# about 90 CLIP tokens: 2 chunks of 77 (CLIP-L on CPU costs about a second per chunk: keep chunks few)
+HERO = ("a tall knight in silver armor with a long blue cape, a scar over the left eye, short black hair, "
+        "a round wooden shield painted with a red dragon, leather boots, a sword with a golden hilt, "
+        "carrying a small lantern and a rolled map, riding a grey horse with a white mane, "
+        "followed by a small brown dog wearing a green scarf, crows circling above old castle towers")
+FOX = "a small orange fox"
+STORY = (f"// test story\n[Hero] {HERO}\n[Fox] {FOX}\n---\n"
+         "[Hero] crossing a bridge # The journey begins.\n"
+         "[NC] an empty forest clearing\n"
+         "[Fox] sleeps # zzz # at last\n")
+# expanded by hand, independently of the parser; only the text after the LAST '#' is the caption
+PANELS = [f"{HERO} crossing a bridge", "an empty forest clearing", f"{FOX} sleeps # zzz"]
+CAPTIONS = "The journey begins.\n\nat last"
+
+
+@pytest.fixture(scope="session")
+def clip_file(host, tmp_path_factory):
+    """A CLIP-L (SD1.5 text encoder) state dict with deterministic, non-degenerate random weights, fp16.
+
+    Generated once into a cache folder next to pytest's per-session temp folders (``/tmp/pytest-of-<user>/``
+    survives sessions; pytest's own cache plugin is off in pyproject) and linked into the host's
+    models/text_encoders, so later sessions skip the generation.
+    """
+    import comfy.sd1_clip
+    from safetensors.torch import save_file
+
+    cache = tmp_path_factory.getbasetemp().parent / "sdn-test-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    cached = cache / "story_clip_l_seed1234_v1.safetensors"
+    if not cached.exists():
+        # shapes from ComfyUI's own CLIP-L definition; meta device: no memory, no (garbage) values
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in comfy.sd1_clip.SDClipModel(device="meta").transformer.state_dict().items()}
+        g = torch.Generator().manual_seed(1234)
+        sd = {}
+        for k, shape in shapes.items():
+            if "norm" in k and k.endswith("weight"):
+                t = torch.ones(shape)
+            elif k.endswith("bias"):
+                t = torch.randn(shape, generator=g) * 0.01
+            else:
+                t = torch.randn(shape, generator=g) * 0.02
+            sd[k] = t.half().contiguous()
+        tmp = cached.with_suffix(".partial")
+        save_file(sd, str(tmp))
+        tmp.replace(cached)
+    folder = host.base_directory / "models" / "text_encoders"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / CLIP_NAME
+    if not link.exists():
+        link.symlink_to(cached)
+    return CLIP_NAME
+
+
+STYLE = "comic book"
+
+
+def graph(story=STORY, negative="blurry, lowres"):
+    return {
+        "1": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP_NAME, "type": "stable_diffusion"}},
+        "2": {"class_type": "SDN_StoryPrompt",
+              "inputs": {"clip": ["1", 0], "story": story, "style": STYLE, "negative": negative}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}},
+    }
+
+
+@pytest.fixture(scope="module")
+def run(host, clip_file):
+    return host.run(graph())
+
+
+@pytest.fixture(scope="module")
+def empty_chunk(run):
+    return encode_alone(run.node_output("1", 0), "")[0]
+
+
+def encode_alone(clip, text):
+    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+    return out["cond"], out["pooled_output"]
+
+
+@pytest.fixture(scope="module")
+def style(pack):
+    template, negative = pack("story.styles").STYLES[STYLE]
+    assert "{prompt}" in template and negative
+    return template, negative
+
+
+def test_positive_batch_padding_and_rows(run, empty_chunk, style):
+    clip = run.node_output("1", 0)
+    positive = run.node_output("2", 0)
+    assert isinstance(positive, list) and len(positive) == 1, "one per-panel entry expected"
+    cond, extras = positive[0]
+    empty = empty_chunk
+    solo = [encode_alone(clip, style[0].replace("{prompt}", p)) for p in PANELS]
+    lengths = [c.shape[1] for c, _ in solo]
+    assert lengths == [154, 77, 77], lengths  # the long prompt really is long
+    assert cond.shape == (3, 154, 768)
+    for i, (c, pooled) in enumerate(solo):
+        n = c.shape[1]
+        torch.testing.assert_close(cond[i:i + 1, :n], c, rtol=0, atol=1e-5)
+        for start in range(n, cond.shape[1], 77):  # padding = empty-prompt chunk encoding
+            torch.testing.assert_close(cond[i:i + 1, start:start + 77], empty, rtol=0, atol=1e-5)
+        torch.testing.assert_close(extras["pooled_output"][i], pooled.reshape(-1), rtol=0, atol=1e-5)
+    assert extras["pooled_output"].shape == (3, 768)
+    # non-degenerate encoder: panels differ, and the empty padding differs from a real chunk
+    assert (cond[1] - cond[2]).abs().max() > 1e-2
+    assert (cond[1, :77] - empty[0]).abs().max() > 1e-2
+    assert not torch.isnan(cond).any()
+    assert set(extras) <= {"pooled_output"}, set(extras)  # SD1 CLIP gives no attention mask by default
+
+
+def test_negative_and_small_outputs(run, style):
+    clip = run.node_output("1", 0)
+    negative = run.node_output("2", 1)
+    assert len(negative) == 1
+    ncond, nextras = negative[0]
+    exp, exp_pooled = encode_alone(clip, "blurry, lowres, " + style[1])
+    assert ncond.shape[0] == 1
+    torch.testing.assert_close(ncond, exp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nextras["pooled_output"], exp_pooled, rtol=0, atol=1e-5)
+    assert run.node_output("2", 2) == 3
+    assert run.node_output("2", 3) == CAPTIONS
+    story = run.node_output("2", 4)
+    assert [p.prompt for p in story.panels] == PANELS
+    assert story.panels_naming("Hero") == (0,) and story.panels_naming("Fox") == (2,)
+    assert story.panels[1].no_character and story.style == STYLE
+
+
+def test_malformed_story_error_through_executor(host, clip_file, caplog):
+    import sdn_host
+    caplog.clear()
+    bad = f"[Fox] {FOX}\n---\n[Fox] runs\n[Wolf] howls\n"
+    with pytest.raises(sdn_host.WorkflowError) as info:
+        host.run(graph(story=bad))
+    # ComfyUI forwards execution_error only to a connected client; it always logs the exception
+    text = str(info.value) + "\n" + caplog.text
+    assert re.search(r"SDN_StoryPrompt: input 'story': expected .*got line 4: unknown character '\[Wolf\]'", text), \
+        text[-2000:]
