@@ -149,3 +149,48 @@ def test_malformed_story_error_through_executor(host, clip_file, caplog):
     text = str(info.value) + "\n" + caplog.text
     assert re.search(r"SDN_StoryPrompt: input 'story': expected .*got line 4: unknown character '\[Wolf\]'", text), \
         text[-2000:]
+
+
+def tiny_clip_with_masks(host):
+    """A real ComfyUI CLIP (SD1 tokenizer, CLIPTextModel with 2 layers of width 32) built to also return
+    attention masks, as some text encoders do: exercises how per-panel extras are padded and stacked."""
+    import functools
+
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from models import init_weights_
+
+    config = {"hidden_act": "quick_gelu", "hidden_size": 32, "intermediate_size": 64, "layer_norm_eps": 1e-5,
+              "max_position_embeddings": 77, "num_attention_heads": 2, "num_hidden_layers": 2,
+              "projection_dim": 32, "vocab_size": 49408, "eos_token_id": 49407}
+    inner = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=config, return_attention_masks=True,
+                              return_projected_pooled=False)
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
+                                                    functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=inner))
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    init_weights_(clip.cond_stage_model, seed=7)
+    return clip
+
+
+def test_extras_attention_mask_padded_per_panel(host, pack):
+    enc = pack("story.encode")
+    clip = tiny_clip_with_masks(host)
+    prompts = ["word " * 100, "a cat", "a dog on a hill"]
+    positive = enc.encode_panels(clip, prompts)
+    assert len(positive) == 1
+    cond, extras = positive[0]
+    assert cond.shape == (3, 154, 32)
+    solo = [clip.encode_from_tokens(clip.tokenize(p), return_pooled=True, return_dict=True) for p in prompts]
+    empty = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True, return_dict=True)
+    assert "attention_mask" in solo[0] and solo[0]["attention_mask"].shape == (1, 154)
+    mask = extras["attention_mask"]
+    assert mask.shape == (3, 154)
+    torch.testing.assert_close(mask[0:1], solo[0]["attention_mask"])
+    for i in (1, 2):
+        torch.testing.assert_close(mask[i:i + 1, :77], solo[i]["attention_mask"])
+        torch.testing.assert_close(mask[i:i + 1, 77:], empty["attention_mask"])
+        torch.testing.assert_close(cond[i:i + 1, 77:], empty["cond"])
+        torch.testing.assert_close(extras["pooled_output"][i], solo[i]["pooled_output"].reshape(-1))
+    # masks differ between a short and a shorter prompt (so the check above is not vacuous)
+    assert not torch.equal(mask[1], mask[2])
