@@ -224,5 +224,9 @@ def parse_story(text: str) -> Story:
             panels.append(_parse_panel(s, n, len(panels), characters))
     if not panels:
         last = max(1, len(text.splitlines()))  # the end of the story
-        raise _error(last, "the story has no panels", "at least one panel line after the character lines")
+        hint = ""
+        if characters and not sep_lines:
+            hint = (f" (all {len(characters)} '[Name] ...' lines were read as character definitions; put a '---' "
+                    "line between the characters and the panels)")
+        raise _error(last, "the story has no panels" + hint, "at least one panel line after the character lines")
     return Story(characters=characters, panels=tuple(panels))

@@ -156,7 +156,7 @@ def test_error_non_definition_before_separator(P, errors):
 
 
 def test_error_no_panels(P, errors):
-    expect_error(P, errors, f"[Bob] {BOB}\n[Alice] {ALICE}\n", 2, "no panels")
+    expect_error(P, errors, f"[Bob] {BOB}\n[Alice] {ALICE}\n", 2, "no panels", "'---'")
     expect_error(P, errors, f"[Bob] {BOB}\n---\n// nothing\n", 3, "no panels")
     with pytest.raises(errors.NodeInputError, match="no panels"):
         P.parse_story("")
