@@ -48,7 +48,7 @@ class SamplingPlan:
     """Which tokens each image of a group of ``num_images`` sees besides its own.
 
     ``ref_count`` R: 0 means all-to-all (the paper): ``all_idx`` (B, (B-1)*M) holds, for every image, flat
-    indices into the group's tokens flattened as ``image * N + token``. R > 0: the first R images are the
+    indices into the group's tokens flattened as ``image * N + token`` ((B, (T-1)*M) with a window of T). R > 0: the first R images are the
     references; ``ref_idx`` (R, (R-1)*M) for the references (among themselves) and ``story_idx`` (B-R, R*M)
     for every other image (references only). Index tensors are int64 on the plan's device.
     """
@@ -80,18 +80,37 @@ def _draw(targets: int, sources: list[list[int]], num_tokens: int, per_source: i
     return (picked + base).reshape(targets, n_src * per_source)
 
 
+def window_sources(num_images: int, tile_size: int) -> list[list[int]]:
+    """Sliding window: image i shares with the other images of the ``tile_size`` consecutive images around it.
+
+    The window is centred on i and shifted inward at the batch ends, so every image has exactly
+    ``min(tile_size, B) - 1`` partners and one batched call still serves the whole batch. (The paper's
+    Algorithm 1 instead runs fixed tiles and averages overlapping outputs; both bound the keys per image.)
+    """
+    t = max(1, min(tile_size, num_images))
+    out = []
+    for i in range(num_images):
+        start = min(max(0, i - (t - 1) // 2), num_images - t)
+        out.append([j for j in range(start, start + t) if j != i])
+    return out
+
+
 def make_plan(num_images: int, num_tokens: int, rate: float, ref_count: int = 0,
-              generator: torch.Generator | None = None) -> SamplingPlan:
+              generator: torch.Generator | None = None, tile_size: int = 0) -> SamplingPlan:
     """Draw a SamplingPlan on the CPU from ``generator`` (deterministic for a seeded generator).
 
-    ``ref_count`` >= ``num_images`` behaves as all-to-all among the images present.
+    ``ref_count`` >= ``num_images`` behaves as all-to-all among the images present. ``tile_size`` > 1 (with
+    ``ref_count`` 0): each image shares only with the images of its window (:func:`window_sources`).
     """
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     m = tokens_per_source(num_tokens, rate)
     b, r = num_images, ref_count
     if r <= 0 or r >= b:
-        srcs = [[j for j in range(b) if j != i] for i in range(b)]
+        if tile_size > 1:
+            srcs = window_sources(b, tile_size)
+        else:
+            srcs = [[j for j in range(b) if j != i] for i in range(b)]
         return SamplingPlan(b, num_tokens, m, 0, all_idx=_draw(b, srcs, num_tokens, m, generator))
     ref_srcs = [[j for j in range(r) if j != i] for i in range(r)]
     story_srcs = [list(range(r)) for _ in range(b - r)]

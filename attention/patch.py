@@ -14,8 +14,10 @@ finds everything it needs in ``extra_options`` (ComfyUI's transformer_options):
 - context windows: core ``context_window.index_list`` or AnimateDiff-Evolved ``ad_params['sub_idxs']`` give
   the absolute image indices of the rows, so reference images are recognised inside a window.
 
-No state outside the patch closure; the closure keeps a small memo of sampling plans keyed by everything
-they depend on (seed, step, resolution, group shape), so a result never depends on what ran before.
+Three roles share one layer class: plain CSA; recording a character bank (write phase, see bank.py); reading
+banks (read phase). No state outside the patch objects; they keep memos of sampling plans and of the current
+step's bank tensors on the device, keyed by everything they depend on, so a result never depends on what ran
+before.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UnsupportedModelError
-from .csa import consistent_self_attention, make_plan
+from .bank import BankMismatchError, BankRecorder, CharacterBank, layer_name, schedule_key
+from .csa import attend_with_extra, consistent_self_attention, make_plan, tokens_per_source
 
 BLOCK_CHOICES = {
     "decoder": ("output",),
@@ -48,6 +51,7 @@ class CSASettings:
     sigma_start / sigma_end: CSA is active while ``sigma_end <= sigma <= sigma_start``.
     schedule: "always", or "storydiffusion" (the reference app: plain attention at step 0, then each layer call
     skips CSA with probability 0.3 for steps 1..19 and 0.1 from step 20, deterministic per seed).
+    tile_size: 0 = off; T > 1 = each image shares only with the T - 1 images around it (sliding window).
     """
 
     rates: tuple[tuple[int, float], ...] = ((8, 0.5), (16, 0.5), (32, 0.5))
@@ -57,6 +61,7 @@ class CSASettings:
     sigma_start: float = math.inf
     sigma_end: float = 0.0
     schedule: str = "always"
+    tile_size: int = 0
 
     def rate_for(self, factor: int) -> float:
         rates = dict(self.rates)
@@ -64,6 +69,11 @@ class CSASettings:
             return rates[factor]
         coarsest = max(rates)
         return rates[coarsest] if factor > coarsest else 0.0
+
+    def as_dict(self) -> dict:
+        return {"rates": [list(r) for r in self.rates], "reference_count": self.reference_count, "seed": self.seed,
+                "blocks": list(self.blocks), "sigma_start": self.sigma_start if math.isfinite(self.sigma_start)
+                else "inf", "sigma_end": self.sigma_end, "schedule": self.schedule, "tile_size": self.tile_size}
 
 
 def attention_blocks(model_patcher) -> list[tuple[str, int, int]]:
@@ -95,20 +105,20 @@ def attention_blocks(model_patcher) -> list[tuple[str, int, int]]:
 
 
 @dataclass
-class _PlanMemo:
-    """Memo of SamplingPlans: a pure cache (plans are a deterministic function of their key)."""
+class _Memo:
+    """A bounded pure cache: values are a deterministic function of their key."""
 
     limit: int = 16
-    plans: OrderedDict = field(default_factory=OrderedDict)
+    items: OrderedDict = field(default_factory=OrderedDict)
 
     def get(self, key, build):
-        plan = self.plans.get(key)
-        if plan is None:
-            plan = build()
-            self.plans[key] = plan
-            while len(self.plans) > self.limit:
-                self.plans.popitem(last=False)
-        return plan
+        value = self.items.get(key)
+        if value is None:
+            value = build()
+            self.items[key] = value
+            while len(self.items) > self.limit:
+                self.items.popitem(last=False)
+        return value
 
 
 def step_index(extra_options) -> tuple[int | None, float]:
@@ -143,19 +153,79 @@ def window_indices(extra_options, batch: int) -> list[int] | None:
     return None
 
 
-class _CSALayer:
-    """The attn1 replace of one layer: ``f(q, k, v, extra_options) -> out``.
+@dataclass(frozen=True)
+class _Call:
+    """What one layer call is: its group shape, step and whether CSA applies."""
 
-    ``previous``: an attn1 replace already on the model for this key; it is called with the extended keys so
-    patches compose. Layers sharing one ``memo`` share plans.
+    batch: int
+    chunks: tuple
+    step: int | None
+    step_key: int
+    rate: float
+    active: bool
+    layer: str
+    latent_hw: tuple
+    absolute: list | None
+
+
+@dataclass
+class BankReader:
+    """Read-phase configuration shared by all layers of one patched model.
+
+    banks: the character banks. routing: per absolute image index of the read batch, the indices of the banks
+    that image reads (None: every image reads every bank). share: images of a read batch also share among
+    themselves with CSA (the model's CSA settings).
     """
 
-    def __init__(self, settings: CSASettings, previous, memo: _PlanMemo):
-        self.settings, self.previous, self.memo = settings, previous, memo
+    banks: tuple
+    routing: tuple | None = None
+    share: bool = False
+    step_cache: _Memo = field(default_factory=lambda: _Memo(limit=4))
 
-    # ModelPatcher.clone() deep-copies model_options: share, don't copy (the memo is a pure cache).
     def __deepcopy__(self, memo):
         return self
+
+    def banks_for(self, image: int) -> tuple:
+        if self.routing is None:
+            return tuple(range(len(self.banks)))
+        if image >= len(self.routing):
+            raise BankMismatchError(
+                f"the story routes character banks for {len(self.routing)} panels, but the latent batch has "
+                f"more images (image {image + 1}). Use the story's panel_count as the batch size.")
+        return self.routing[image]
+
+    def step_entries(self, bank_index: int, step: int, device, dtype) -> dict:
+        """All of one bank's entries of one step on the compute device: one transfer per step."""
+        bank: CharacterBank = self.banks[bank_index]
+
+        def build():
+            return {(layer, half): (k.to(device, dtype, non_blocking=True), v.to(device, dtype, non_blocking=True))
+                    for (s, layer, half), (k, v) in bank.entries.items() if s == step}
+        return self.step_cache.get((bank_index, step, str(device), dtype), build)
+
+
+class _CSALayer:
+    """The attn1 replace of one layer: ``f(q, k, v, extra_options) -> out`` (ComfyUI's replace signature).
+
+    ``previous``: an attn1 replace already on the model for this key; it is called with the extended keys so
+    patches compose. Layers sharing one ``memo`` share sampling plans. ``recorder``: write phase.
+    ``reader``: read phase.
+    """
+
+    def __init__(self, settings: CSASettings, previous, memo: _Memo, recorder: BankRecorder | None = None,
+                 reader: BankReader | None = None, enabled: bool = True):
+        self.settings, self.previous, self.memo = settings, previous, memo
+        self.recorder, self.reader, self.enabled = recorder, reader, enabled
+
+    # ModelPatcher.clone() deep-copies model_options: share, don't copy (the memos are pure caches).
+    def __deepcopy__(self, memo):
+        return self
+
+    def derive(self, **changes) -> "_CSALayer":
+        fields = dict(settings=self.settings, previous=self.previous, memo=self.memo, recorder=self.recorder,
+                      reader=self.reader, enabled=self.enabled)
+        fields.update(changes)
+        return _CSALayer(**fields)
 
     def _attention(self, q, k, v, heads, extra_options):
         if self.previous is not None:
@@ -165,53 +235,65 @@ class _CSALayer:
         return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
                                                    transformer_options=extra_options)
 
-    def plan_for(self, extra_options, rows: int, tokens: int, device: torch.device):
-        """``((plan, row_order), B)`` for this call; ``(None, B)`` when CSA does not apply (plain attention)."""
+    def describe(self, extra_options, rows: int, tokens: int) -> _Call | None:
+        """Classify this call; None when the rows are not a (chunks x images) layout (e.g. SVD temporal)."""
         s = self.settings
         shape = extra_options.get("original_shape")
-        chunks = len(extra_options.get("cond_or_uncond") or [0])
-        if shape is None or rows != shape[0] or rows % chunks:
-            return None, 0  # temporal layout or unknown row structure: leave it alone
-        batch = rows // chunks
-        if batch < 2:
-            return None, batch
+        chunks = tuple(extra_options.get("cond_or_uncond") or [0])
+        if shape is None or rows != shape[0] or rows % len(chunks):
+            return None
+        batch = rows // len(chunks)
         step, sigma = step_index(extra_options)
-        if not (s.sigma_end <= sigma <= s.sigma_start):
-            return None, batch
         h, w = shape[-2], shape[-1]
         factor = 8 * max(1, round(math.sqrt(h * w / tokens)))
         rate = s.rate_for(factor)
-        if rate <= 0.0:
-            return None, batch
-        step_key = step if step is not None else int(sigma * 1e6)  # no schedule: key by sigma
-        if s.schedule == "storydiffusion" and step is not None:
+        block = extra_options.get("block") or ("", 0)
+        block_index = int(extra_options.get("block_index", 0))
+        active = self.enabled and rate > 0.0 and s.sigma_end <= sigma <= s.sigma_start
+        if active and s.schedule == "storydiffusion" and step is not None:
             if step == 0:
-                return None, batch
-            block = extra_options.get("block") or ("", 0)
-            layer = (block[0], int(block[1]), int(extra_options.get("block_index", 0)))
-            rng = random.Random(_mix(s.seed, step, _BLOCK_IDS.get(layer[0], 0), layer[1], layer[2]))
-            if rng.random() < (0.3 if step < 20 else 0.1):
-                return None, batch
-        absolute = window_indices(extra_options, batch)
-        refs = s.reference_count
+                active = False
+            else:
+                rng = random.Random(_mix(s.seed, step, _BLOCK_IDS.get(block[0], 0), int(block[1]), block_index))
+                active = rng.random() >= (0.3 if step < 20 else 0.1)
+        step_key = step if step is not None else int(sigma * 1e6)  # no schedule: key by sigma
+        return _Call(batch, chunks, step, step_key, rate, active, layer_name(block, block_index), (h, w),
+                     window_indices(extra_options, batch))
+
+    def plan(self, call: _Call, tokens: int, device, refs: int | None = None):
+        """(plan, row_order) shared by all layers of this resolution and step; None when CSA is off here."""
+        if not call.active or call.batch < 2:
+            return None
+        s = self.settings
+        refs = s.reference_count if refs is None else refs
         order = None
-        if absolute is not None and refs > 0:
-            ref_pos = [p for p, a in enumerate(absolute) if a < refs]
+        if call.absolute is not None and refs > 0:
+            ref_pos = [p for p, a in enumerate(call.absolute) if a < refs]
             refs = len(ref_pos)
             if refs and ref_pos != list(range(refs)):
-                order = ref_pos + [p for p in range(batch) if p not in ref_pos]
-        key = (step_key, tokens, batch, refs, rate, tuple(absolute) if absolute else None, str(device))
+                order = ref_pos + [p for p in range(call.batch) if p not in ref_pos]
+        key = ("csa", call.step_key, tokens, call.batch, refs, call.rate, s.tile_size,
+               tuple(call.absolute) if call.absolute else None, str(device))
 
         def build():
-            gen = torch.Generator().manual_seed(_mix(s.seed, step_key, tokens, batch, refs))
-            return make_plan(batch, tokens, rate, refs, gen).to(device), order
-
-        plan, order = self.memo.get(key, build)
-        return (plan, order), batch
+            gen = torch.Generator().manual_seed(_mix(s.seed, call.step_key, tokens, call.batch, refs))
+            return make_plan(call.batch, tokens, call.rate, refs, gen, tile_size=s.tile_size).to(device), order
+        return self.memo.get(key, build)
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        found, batch = self.plan_for(extra_options, q.shape[0], q.shape[1], q.device)
+        call = self.describe(extra_options, q.shape[0], q.shape[1])
+        if call is None:
+            return self._attention(q, k, v, heads, extra_options)
+        if self.reader is not None:
+            return self._read(q, k, v, heads, extra_options, call)
+        found = self.plan(call, q.shape[1], q.device)
+        out = self._csa(q, k, v, heads, extra_options, call, found)
+        if self.recorder is not None and call.active:
+            self._record(k, v, extra_options, call)
+        return out
+
+    def _csa(self, q, k, v, heads, extra_options, call, found):
         if found is None:
             return self._attention(q, k, v, heads, extra_options)
         plan, order = found
@@ -222,9 +304,103 @@ class _CSALayer:
         rows, n, c = q.shape
         perm = torch.tensor(order, device=q.device)
         inv = torch.argsort(perm)
-        p = lambda t: t.reshape(-1, batch, n, c)[:, perm].reshape(rows, n, c)  # noqa: E731
+        p = lambda t: t.reshape(-1, call.batch, n, c)[:, perm].reshape(rows, n, c)  # noqa: E731
         out = consistent_self_attention(p(q), p(k), p(v), heads, plan, attention_fn=fn)
-        return out.reshape(-1, batch, n, c)[:, inv].reshape(rows, n, c)
+        return out.reshape(-1, call.batch, n, c)[:, inv].reshape(rows, n, c)
+
+    # -- write phase ---------------------------------------------------------------------------------------
+    def bank_indices(self, call: _Call, tokens: int, device) -> torch.Tensor:
+        """Flat indices (B * M) of the tokens of each reference image that go into the bank at this step."""
+        s = self.settings
+        m = tokens_per_source(tokens, call.rate)
+
+        def build():
+            gen = torch.Generator().manual_seed(_mix(s.seed, call.step_key, tokens, call.batch, 0xBA4C))
+            picked = torch.rand(call.batch, tokens, generator=gen).topk(m, dim=-1, sorted=False).indices
+            return (picked + torch.arange(call.batch)[:, None] * tokens).reshape(-1).to(device)
+        return self.memo.get(("bank", call.step_key, tokens, call.batch, m, str(device)), build)
+
+    def _record(self, k, v, extra_options, call: _Call):
+        schedule = extra_options.get("sample_sigmas")
+        if schedule is None or call.step is None:
+            raise BankMismatchError("recording a character bank needs a sampler that sets sample_sigmas "
+                                    "(every stock KSampler does)")
+        if call.absolute is not None:
+            raise BankMismatchError("recording a character bank does not support context windows: sample the "
+                                    "reference images in one batch")
+        rows, n, c = k.shape
+        idx = self.bank_indices(call, n, k.device)
+        k3, v3 = k.reshape(len(call.chunks), call.batch * n, c), v.reshape(len(call.chunks), call.batch * n, c)
+        seen = set()
+        for g, half in enumerate(call.chunks):
+            if half in seen:  # several positive entries: the first one's tokens represent the half
+                continue
+            seen.add(half)
+            self.recorder.record((call.step, call.layer, int(half)), k3[g, idx], v3[g, idx],
+                                 schedule_key(schedule), call.latent_hw, call.batch)
+
+    # -- read phase ----------------------------------------------------------------------------------------
+    def _read(self, q, k, v, heads, extra_options, call: _Call):
+        reader = self.reader
+        schedule = extra_options.get("sample_sigmas")
+        if schedule is None or call.step is None:
+            raise BankMismatchError("reading character banks needs a sampler that sets sample_sigmas "
+                                    "(every stock KSampler does)")
+        sched = schedule_key(schedule)
+        for bank in reader.banks:
+            bank.check_schedule(sched, call.latent_hw)
+        rows, n, c = q.shape
+        b = call.batch
+        absolute = call.absolute or list(range(b))
+        # Optional CSA among the read batch: its extra tokens per row, from the same plan as plain CSA.
+        csa_k = csa_v = None
+        if reader.share:
+            found = self.plan(call, n, q.device, refs=0)
+            if found is not None:
+                plan, _ = found
+                idx = plan.all_idx
+                k3, v3 = k.reshape(-1, b * n, c), v.reshape(-1, b * n, c)
+                csa_k, csa_v = k3[:, idx].reshape(rows, -1, c), v3[:, idx].reshape(rows, -1, c)
+        # Bank tokens per row: the banks of the row's panel, for this step, layer and CFG half.
+        per_row_k, per_row_v = [], []
+        for g, half in enumerate(call.chunks):
+            for i in range(b):
+                ks, vs = [], []
+                for j in reader.banks_for(absolute[i]):
+                    entry = reader.step_entries(j, call.step, q.device, k.dtype).get((call.layer, int(half)))
+                    if entry is not None:
+                        ks.append(entry[0])
+                        vs.append(entry[1])
+                per_row_k.append(ks)
+                per_row_v.append(vs)
+        lengths = [sum(t.shape[0] for t in ks) for ks in per_row_k]
+        out = torch.empty_like(q)
+        # One attention call per distinct extra length (usually one), never one per image.
+        for length in sorted(set(lengths)):
+            sel = [r for r in range(rows) if lengths[r] == length]
+            if length:
+                bk = torch.stack([torch.cat(per_row_k[r]) for r in sel])
+                bv = torch.stack([torch.cat(per_row_v[r]) for r in sel])
+            else:
+                bk = bv = q.new_zeros(len(sel), 0, c)
+            if csa_k is not None:
+                bk, bv = torch.cat((bk, csa_k[sel]), 1), torch.cat((bv, csa_v[sel]), 1)
+            fn = lambda qq, kk, vv, h, **_: self._attention(qq, kk, vv, h, extra_options)  # noqa: E731
+            if len(sel) == rows:
+                return attend_with_extra(q, k, v, bk, bv, heads, fn)
+            out[sel] = attend_with_extra(q[sel], k[sel], v[sel], bk, bv, heads, fn)
+        return out
+
+
+def _csa_layers(model_patcher) -> dict:
+    replaces = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    return {key: p for key, p in replaces.items() if isinstance(p, _CSALayer)}
+
+
+def csa_settings_of(model_patcher) -> CSASettings | None:
+    """The CSASettings of a model patched by :func:`apply_csa`, else None."""
+    layers = _csa_layers(model_patcher)
+    return next(iter(layers.values())).settings if layers else None
 
 
 def apply_csa(model_patcher, settings: CSASettings):
@@ -236,12 +412,51 @@ def apply_csa(model_patcher, settings: CSASettings):
     """
     blocks = attention_blocks(model_patcher)
     m = model_patcher.clone()
-    memo = _PlanMemo()
+    memo = _Memo()
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for name, number, depth in blocks:
         if name not in settings.blocks:
             continue
-        key3, key2 = (name, number, depth), (name, number)
-        previous = existing.get(key3, existing.get(key2))
+        previous = existing.get((name, number, depth), existing.get((name, number)))
+        if isinstance(previous, _CSALayer):  # CSA applied twice: the new settings replace the old ones
+            previous = previous.previous
         m.set_model_attn1_replace(_CSALayer(settings, previous, memo), name, number, depth)
     return m
+
+
+def apply_recording(model_patcher, recorder: BankRecorder):
+    """Clone a CSA-patched model so its CSA layers also record into ``recorder`` (write phase)."""
+    layers = _csa_layers(model_patcher)
+    m = model_patcher.clone()
+    for (name, number, depth), layer in layers.items():
+        m.set_model_attn1_replace(layer.derive(recorder=recorder), name, number, depth)
+    return m
+
+
+def apply_reading(model_patcher, reader: BankReader):
+    """Clone a model so the layers recorded in the banks read them (read phase).
+
+    CSA layers already on the model keep their settings (used when ``reader.share``); other recorded layers
+    get a reader with default settings and CSA off.
+    """
+    attention_blocks(model_patcher)
+    layers = _csa_layers(model_patcher)
+    m = model_patcher.clone()
+    memo = _Memo()
+    existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    recorded = set().union(*(bank.layers for bank in reader.banks))
+    for name_key in sorted(recorded):
+        name, number, depth = name_key.split(".")
+        key = (name, int(number), int(depth))
+        layer = layers.get(key)
+        if layer is not None:
+            new = layer.derive(reader=reader, recorder=None)
+        else:
+            previous = existing.get(key, existing.get(key[:2]))
+            new = _CSALayer(CSASettings(), previous, memo, reader=reader, enabled=False)
+        m.set_model_attn1_replace(new, *key)
+    return m
+
+
+__all__ = ["CSASettings", "BankReader", "BankRecorder", "apply_csa", "apply_recording", "apply_reading",
+           "attention_blocks", "csa_settings_of", "BLOCK_CHOICES", "SCHEDULE_CHOICES"]

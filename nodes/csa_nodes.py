@@ -42,23 +42,32 @@ class ConsistentSelfAttention(io.ComfyNode):
                 io.Combo.Input("schedule", options=list(SCHEDULE_CHOICES), default="always", tooltip=(
                     "'always': CSA at every step in range. 'storydiffusion': the reference app's heuristic: plain "
                     "attention at step 0, then each layer skips CSA at random with p = 0.3 (steps 1-19) or 0.1.")),
+                io.Int.Input("tile_size", default=0, min=0, max=1024, tooltip=(
+                    "Sliding window (paper, Algorithm 1): 0 = off; T > 1 = each image shares only with the T - 1 "
+                    "images around it in the batch, so the extra keys per image stay bounded in long batches. "
+                    "Only with reference_count 0.")),
             ],
             outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, sampling_rate_1_32, sampling_rate_1_16, sampling_rate_1_8, reference_count, seed,
-                blocks, start_percent, end_percent, schedule) -> io.NodeOutput:
+                blocks, start_percent, end_percent, schedule, tile_size=0) -> io.NodeOutput:
         node = "SDN_ConsistentSelfAttention"
         if start_percent > end_percent:
             raise NodeInputError(node, "start_percent", f"a value <= end_percent ({end_percent})",
                                  got=str(start_percent))
+        if tile_size == 1:
+            raise NodeInputError(node, "tile_size", "0 (off) or a window of at least 2 images", got="1")
+        if tile_size and reference_count:
+            raise NodeInputError(node, "tile_size", "0 when reference_count > 0 (windows are a batch-mode option)",
+                                 got=str(tile_size))
         sampling = model.get_model_object("model_sampling")
         settings = CSASettings(
             rates=((8, sampling_rate_1_8), (16, sampling_rate_1_16), (32, sampling_rate_1_32)),
             reference_count=reference_count, seed=seed, blocks=BLOCK_CHOICES[blocks],
             sigma_start=float(sampling.percent_to_sigma(start_percent)),
-            sigma_end=float(sampling.percent_to_sigma(end_percent)), schedule=schedule)
+            sigma_end=float(sampling.percent_to_sigma(end_percent)), schedule=schedule, tile_size=tile_size)
         return io.NodeOutput(apply_csa(model, settings))
 
 

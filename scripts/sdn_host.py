@@ -111,7 +111,8 @@ class Host:
             raise WorkflowError(f"prompt invalid: {json.dumps(valid[1])} {json.dumps(valid[3])[:4000]}")
         executor = self.execution.PromptExecutor(self.server, cache_type=False, cache_args={"lru": 0, "ram": 0})
         self.server.messages.clear()
-        executor.execute(prompt, str(uuid.uuid4()), {}, valid[2])
+        # A client id makes ComfyUI report execution errors through send_sync (None silences them).
+        executor.execute(prompt, str(uuid.uuid4()), {"client_id": "sdn-host"}, valid[2])
         if not executor.success:
             errors = [d for e, d in self.server.messages if e == "execution_error"]
             err = errors[-1] if errors else {}

@@ -166,7 +166,7 @@ def test_window_with_references_not_first_is_reordered(pack):
     # sit at positions 1 and 3. Direct call of one patched layer against the oracle.
     patch = pack("attention.patch")
     layer = patch._CSALayer(patch.CSASettings(rates=((8, 1.0), (16, 1.0), (32, 1.0)), reference_count=2),
-                            None, patch._PlanMemo())
+                            None, patch._Memo())
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(8, 16, 32, generator=gen) for _ in range(3))
     sigmas = torch.tensor([5.0, 1.0, 0.0])

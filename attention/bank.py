@@ -1,0 +1,203 @@
+"""Character banks: the reference app's write/read protocol, keyed by step and layer, stored compactly.
+
+StoryDiffusion's reference app (HVision-NKU/StoryDiffusion) draws a character's reference images together
+with CSA ("write"), keeps the sampled tokens of every reference per layer and per step, then draws every other
+panel attending to its own tokens plus that store ("read"), so later panels cost the memory of one panel.
+
+Here the store holds the *projected* keys and values of the sampled reference tokens, per
+``(step, layer, CFG half)``: ``k, v`` of shape ``(R * M, C)`` where R = reference images, M = round(rate * N)
+tokens per image, C = heads * dim_head. Storage dtype (fp16 by default) and device (CPU by default) are the
+node's choice; tensors move to the compute device one step at a time while reading.
+
+Size: sum over recorded (step, layer, half) of 2 * R * M * C * bytes(dtype). SDXL at 1024 px, 1 reference,
+rate 0.5, 35 steps, both halves, fp16: 2 halves x 35 x (6 x 2048 x 640 + 30 x 512 x 1280) x (k, v) x 2 B
+~ 7.7 GB of CPU memory (SD1.5 at 512 px: ~1.0 GB). It grows linearly with references, steps, rate and layers:
+a start/end percent range, lower rates or fewer blocks shrink it.
+
+A bank records the schedule (sigmas), the latent size and a fingerprint of the model; reading under a
+different one is refused (BankMismatchError) rather than silently misaligned.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import StoryDiffusionError
+
+FORMAT = "sdn-character-bank"
+VERSION = 1
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class BankMismatchError(StoryDiffusionError, ValueError):
+    """A bank is read under another schedule, resolution or model than it was recorded with."""
+
+
+class BankFileError(StoryDiffusionError, ValueError):
+    """A character bank file is missing, corrupt or of another format/version."""
+
+
+def layer_name(block, block_index) -> str:
+    """``("output", 3), 0`` -> ``"output.3.0"``: the bank's layer key (ComfyUI's attn1 patch key)."""
+    return f"{block[0]}.{int(block[1])}.{int(block_index)}"
+
+
+def model_fingerprint(model_patcher) -> str:
+    """Identify the weights that produce the keys/values: architecture, config, base weights, weight patches.
+
+    Cheap (no full hash): model class, UNet config, a checksum of a few attention projection weights, and the
+    keys and strengths of weight patches such as LoRAs.
+    """
+    model = model_patcher.model
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    cfg = getattr(getattr(model, "model_config", None), "unet_config", {}) or {}
+    h.update(json.dumps({k: str(v) for k, v in sorted(cfg.items())}).encode())
+    sd = model.diffusion_model.state_dict()
+    probes = [k for k in sorted(sd) if k.endswith("attn1.to_k.weight")][:4]
+    for k in probes:
+        w = sd[k].detach().float().flatten()
+        h.update(k.encode())
+        h.update(repr((round(float(w.sum()), 4), round(float(w.abs().sum()), 4),
+                       [round(float(x), 6) for x in w[:8]])).encode())
+    for key in sorted(getattr(model_patcher, "patches", {}) or {}):
+        h.update(key.encode())
+        for p in model_patcher.patches[key]:
+            h.update(repr((p[0], p[2] if len(p) > 2 else None)).encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class BankRecorder:
+    """Filled while the reference panels are sampled by a recording model; mutable, owned by one node output.
+
+    A new sampling run (another schedule) clears it; the same schedule overwrites entry by entry.
+    """
+
+    storage_dtype: torch.dtype = torch.float16
+    storage_device: str = "cpu"  # "cpu", or "compute" to keep entries where they were computed
+    fingerprint: str = ""
+    settings: dict = field(default_factory=dict)
+    entries: dict = field(default_factory=dict)
+    schedule: tuple = ()
+    latent_hw: tuple = ()
+    reference_count: int = 0
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies options: keep one recorder
+        return self
+
+    def record(self, key: tuple, k: torch.Tensor, v: torch.Tensor, schedule: tuple, latent_hw: tuple, refs: int):
+        if schedule != self.schedule or latent_hw != self.latent_hw:
+            self.entries = {}
+            self.schedule, self.latent_hw = schedule, latent_hw
+        self.reference_count = refs
+        dev = k.device if self.storage_device == "compute" else torch.device("cpu")
+        self.entries[key] = (k.detach().to(dev, self.storage_dtype).clone(),
+                             v.detach().to(dev, self.storage_dtype).clone())
+
+
+@dataclass(frozen=True)
+class CharacterBank:
+    """An immutable recorded bank: ``entries[(step, layer, half)] = (k, v)``, each ``(R*M, C)``.
+
+    ``half`` is ComfyUI's cond_or_uncond flag (0 positive, 1 negative). ``schedule``: the sigmas the reference
+    panels were sampled with (rounded); ``latent_hw``: their latent size.
+    """
+
+    name: str
+    description: str
+    entries: dict
+    schedule: tuple
+    latent_hw: tuple
+    fingerprint: str
+    reference_count: int
+    settings: dict
+
+    @staticmethod
+    def from_recorder(rec: BankRecorder, name: str, description: str) -> "CharacterBank":
+        return CharacterBank(name, description, dict(rec.entries), rec.schedule, rec.latent_hw, rec.fingerprint,
+                             rec.reference_count, dict(rec.settings))
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.entries.values())
+
+    @property
+    def layers(self) -> set:
+        return {key[1] for key in self.entries}
+
+    def summary(self) -> str:
+        steps = len({key[0] for key in self.entries})
+        dtype = next(iter(self.entries.values()))[0].dtype if self.entries else None
+        device = next(iter(self.entries.values()))[0].device if self.entries else None
+        return (f"character bank '{self.name}': {self.reference_count} reference image(s), {steps} steps, "
+                f"{len(self.layers)} layers, {self.size_bytes / 2**20:.1f} MiB ({dtype}, on {device}); "
+                f"latent {self.latent_hw[0]}x{self.latent_hw[1]}, {max(len(self.schedule) - 1, 0)}-step schedule")
+
+    def check_schedule(self, schedule: tuple, latent_hw: tuple):
+        """Raise BankMismatchError unless the read run uses the recorded schedule and latent size."""
+        if latent_hw != self.latent_hw:
+            raise BankMismatchError(
+                f"character bank '{self.name}' was recorded at latent size {self.latent_hw[0]}x{self.latent_hw[1]} "
+                f"({self.latent_hw[0] * 8}x{self.latent_hw[1] * 8} px); these panels are {latent_hw[0]}x{latent_hw[1]} "
+                f"({latent_hw[0] * 8}x{latent_hw[1] * 8} px). Draw them at the recorded size.")
+        if schedule != self.schedule:
+            raise BankMismatchError(
+                f"character bank '{self.name}' was recorded with a {len(self.schedule) - 1}-step schedule "
+                f"(sigmas {_short(self.schedule)}); this sampler uses {len(schedule) - 1} steps "
+                f"(sigmas {_short(schedule)}). Use the same steps, scheduler and denoise as the recording.")
+
+    def save(self, path: str | Path) -> Path:
+        import comfy.utils
+
+        tensors, index = {}, []
+        for i, ((step, layer, half), (k, v)) in enumerate(sorted(self.entries.items())):
+            tensors[f"{i}.k"] = k.detach().cpu().contiguous()
+            tensors[f"{i}.v"] = v.detach().cpu().contiguous()
+            index.append([step, layer, half])
+        meta = {"format": FORMAT, "version": str(VERSION), "name": self.name, "description": self.description,
+                "schedule": json.dumps(list(self.schedule)), "latent_hw": json.dumps(list(self.latent_hw)),
+                "fingerprint": self.fingerprint, "reference_count": str(self.reference_count),
+                "settings": json.dumps(self.settings), "index": json.dumps(index)}
+        path = Path(path)
+        comfy.utils.save_torch_file(tensors, str(path), metadata=meta)
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> "CharacterBank":
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise BankFileError(f"{path.name}: not a character bank (format {meta.get('format')!r}, "
+                                        f"expected {FORMAT!r})")
+                if meta.get("version") != str(VERSION):
+                    raise BankFileError(f"{path.name}: character bank version {meta.get('version')!r} is not "
+                                        f"supported (this pack reads version {VERSION})")
+                index = json.loads(meta["index"])
+                entries = {(int(s), str(layer), int(h)): (f.get_tensor(f"{i}.k"), f.get_tensor(f"{i}.v"))
+                           for i, (s, layer, h) in enumerate(index)}
+                return CharacterBank(meta["name"], meta.get("description", ""), entries,
+                                     tuple(json.loads(meta["schedule"])), tuple(json.loads(meta["latent_hw"])),
+                                     meta["fingerprint"], int(meta["reference_count"]), json.loads(meta["settings"]))
+        except BankFileError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+            raise BankFileError(f"{path.name}: unreadable character bank ({type(e).__name__}: {e})") from e
+
+
+def schedule_key(sample_sigmas) -> tuple:
+    """The schedule as a hashable tuple of sigmas rounded to 1e-4 relative precision."""
+    return tuple(float(f"{float(s):.5g}") for s in sample_sigmas)
+
+
+def _short(schedule: tuple) -> str:
+    vals = [f"{s:.3g}" for s in schedule]
+    return "[" + ", ".join(vals if len(vals) <= 6 else vals[:3] + ["..."] + vals[-2:]) + "]"
