@@ -1,11 +1,14 @@
 """Story prompts and comic pages: SDN_StoryPrompt, SDN_ComicLayout. Logic lives in ``story/``."""
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io
 
+from ..errors import NodeInputError
 from ..story.encode import encode_story
 from ..story.layout import DIRECTIONS, LAYOUTS, LayoutSpec, compose_pages, split_captions
 from ..story.parser import parse_story
+from ..story.select import PARTS, merge_panels, select_panels, slice_conditioning, split_batches, sub_story
 from ..story.styles import STYLE_NAMES
 
 StoryType = io.Custom("SDN_STORY")
@@ -132,4 +135,149 @@ class ComicLayout(io.ComfyNode):
         return io.NodeOutput(compose_pages(images, spec, split_captions(captions or "")))
 
 
-NODES = [StoryPrompt, ComicLayout]
+
+class StoryPanels(io.ComfyNode):
+    """Select the reference panels of a character, the rest of the story, or all panels (reference mode)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SDN_StoryPanels",
+            display_name="Story Panels (StoryDiffusion)",
+            category="StoryDiffusion/story",
+            description="StoryDiffusion's reference mode: a character's reference panels (the first panels that name "
+                        "only that character) are drawn together while its bank is recorded; every other panel is "
+                        "drawn reading the banks. This node selects either set and slices the per-panel "
+                        "conditioning to match. Selected panels keep their place in the story for merging.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="Per-panel conditioning (row i = panel i of the story input), "
+                                      "from SDN_StoryPrompt or another SDN_StoryPanels."),
+                StoryType.Input("story", tooltip="The story the conditioning belongs to (SDN_StoryPrompt's parsed_story)."),
+                io.Combo.Input("part", options=list(PARTS), default="references", tooltip=(
+                    "references: the first reference_count panels that name the character and no one else "
+                    "(no [NC], no other character). rest: every panel that is not a reference of any character "
+                    "of the story. all: every panel (e.g. when all banks are loaded from files).")),
+                io.String.Input("character", default="", tooltip=(
+                    "Character whose references to select (its name without brackets); empty = the story's "
+                    "first character. Ignored by rest and all.")),
+                io.Int.Input("reference_count", default=1, min=1, max=64, tooltip=(
+                    "References per character (the reference app's id_length). Use the same value in the "
+                    "references and rest nodes.")),
+            ],
+            outputs=[
+                io.Conditioning.Output("selected_positive", display_name="positive", tooltip="The selected rows of the conditioning (pooled_output "
+                                       "and attention_mask sliced alike)."),
+                StoryType.Output("selected_story", display_name="story", tooltip="The selected panels as a story; each panel keeps its index in the "
+                                 "full story (for SDN_ReadCharacterBanks routing and SDN_MergePanels)."),
+                io.Int.Output("panel_count", tooltip="Number of selected panels (the latent batch size)."),
+                io.String.Output("captions", tooltip="The selected panels' captions, one line per panel."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, positive, story, part, character, reference_count) -> io.NodeOutput:
+        positions, selected = select_panels(story, part, character, reference_count)
+        cond = slice_conditioning(positive, positions, len(story.panels), "SDN_StoryPanels")
+        return io.NodeOutput(cond, selected, len(positions), "\n".join(selected.captions))
+
+
+class StoryBatches(io.ComfyNode):
+    """Split panels into batches: the KSampler and everything after it run once per batch (list outputs)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SDN_StoryBatches",
+            display_name="Story Batches (StoryDiffusion)",
+            category="StoryDiffusion/story",
+            description="Splits the panels into consecutive batches of at most batch_size. Every output is a list "
+                        "(one item per batch), so the nodes after it (Read Character Banks, KSampler, VAE Decode) run "
+                        "once per batch and peak memory does not grow with story length. Collect the images with "
+                        "Merge Panels.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="Per-panel conditioning of the story input (e.g. SDN_StoryPanels "
+                                      "rest)."),
+                StoryType.Input("story", tooltip="The panels to draw (row i of positive = panel i)."),
+                io.Int.Input("batch_size", default=4, min=1, max=4096, tooltip="Panels drawn together in one KSampler "
+                             "run; the last batch holds the remainder."),
+                io.Int.Input("width", default=768, min=16, max=16384, step=8,
+                             tooltip="Image width in pixels (as Empty Latent Image; use the references' size)."),
+                io.Int.Input("height", default=768, min=16, max=16384, step=8,
+                             tooltip="Image height in pixels (as Empty Latent Image; use the references' size)."),
+            ],
+            outputs=[
+                io.Conditioning.Output("batch_positive", display_name="positive", is_output_list=True, tooltip="Per batch: its rows of the conditioning."),
+                io.Latent.Output("latent", is_output_list=True, tooltip="Per batch: an empty latent with one image per panel."),
+                StoryType.Output("batch_story", display_name="story", is_output_list=True, tooltip="Per batch: its panels (connect to Read Character "
+                                 "Banks' story and to Merge Panels)."),
+                io.Int.Output("panel_count", is_output_list=True, tooltip="Per batch: its number of panels."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, positive, story, batch_size, width, height) -> io.NodeOutput:
+        import comfy.model_management
+
+        total = len(story.panels)
+        conds, latents, stories, counts = [], [], [], []
+        for rows in split_batches(total, batch_size):
+            conds.append(slice_conditioning(positive, rows, total, "SDN_StoryBatches"))
+            # the same empty latent EmptyLatentImage makes: 4 channels, 1/8 size, intermediate device
+            latents.append({"samples": torch.zeros([len(rows), 4, height // 8, width // 8],
+                                                   device=comfy.model_management.intermediate_device())})
+            stories.append(sub_story(story, (story.panels[i] for i in rows)))
+            counts.append(len(rows))
+        return io.NodeOutput(conds, latents, stories, counts)
+
+
+class MergePanels(io.ComfyNode):
+    """Put panel images drawn in several runs (batches, references) back in story order."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SDN_MergePanels",
+            display_name="Merge Panels (StoryDiffusion)",
+            category="StoryDiffusion/story",
+            description="Collects panel images from several runs (every batch of Story Batches, the references "
+                        "drawn separately) into one batch sorted by the panels' place in the story, with their "
+                        "captions, ready for Comic Layout.",
+            is_input_list=True,
+            inputs=[
+                io.Image.Input("images", tooltip="Panel images: one item per run (a list from Story Batches is "
+                               "collected whole); image i of item k is panel i of story item k."),
+                StoryType.Input("story", tooltip="The panels of each images item, in the same order (Story Batches' "
+                                "story, or Story Panels' story)."),
+                io.Image.Input("images_2", optional=True, tooltip="More panel images, e.g. the references."),
+                StoryType.Input("story_2", optional=True, tooltip="The panels of images_2."),
+                io.Image.Input("images_3", optional=True, tooltip="More panel images, e.g. a second character's "
+                               "references."),
+                StoryType.Input("story_3", optional=True, tooltip="The panels of images_3."),
+            ],
+            outputs=[
+                io.Image.Output("merged_images", display_name="images", tooltip="All panel images in story order (one batch)."),
+                io.String.Output("captions", tooltip="Their captions, one line per panel (for Comic Layout)."),
+                io.Int.Output("panel_count", tooltip="Number of merged panels."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images, story, images_2=None, story_2=None, images_3=None, story_3=None) -> io.NodeOutput:
+        node = "SDN_MergePanels"
+        groups = []
+        for suffix, imgs, stories in (("", images, story), ("_2", images_2, story_2), ("_3", images_3, story_3)):
+            if imgs is None and stories is None:
+                continue
+            if imgs is None or stories is None:
+                missing = "images" + suffix if imgs is None else "story" + suffix
+                raise NodeInputError(node, missing, f"a connection (images{suffix} and story{suffix} go together)")
+            if len(imgs) != len(stories):
+                raise NodeInputError(node, "story" + suffix, f"one story item per images item ({len(imgs)} image "
+                                     "batches)", got=f"{len(stories)} story items")
+            groups += [(f"images{suffix}" + (f" item {k + 1}" if len(imgs) > 1 else ""), im, st)
+                       for k, (im, st) in enumerate(zip(imgs, stories))]
+        merged, panels = merge_panels(groups, node)
+        return io.NodeOutput(merged, "\n".join(p.caption for p in panels), len(panels))
+
+
+NODES = [StoryPrompt, ComicLayout, StoryPanels, StoryBatches, MergePanels]
