@@ -278,28 +278,31 @@ def test_loader_node_reports_corrupt_file(host, caplog):
 
 # ---------------------------------------------------------------- real CLIP vision architectures
 
-@pytest.fixture(scope="session")
-def vit_h_path(host, tmp_path_factory):
-    return cvm.write_clip_vision(tmp_path_factory.mktemp("clip_vision") / "vit_h_random.safetensors", "vit_h")
-
-
-def test_vit_h_tokens_feed_the_predictor(host, mp, ck, vit_h_path):
+def test_vit_h_helper_is_detected_by_comfy_and_feeds_the_predictor(host, mp, ck, tmp_path_factory):
     import comfy.clip_vision
 
-    model = comfy.clip_vision.load(str(vit_h_path))  # ComfyUI's own detection picks the ViT-H config
+    path = cvm.shared_clip_vision(tmp_path_factory, "vit_h")
+    model = comfy.clip_vision.load(str(path))  # ComfyUI's own detection (the stock CLIPVisionLoader's code)
     assert model is not None
-    g = torch.Generator().manual_seed(0)
-    out = model.encode_image(torch.rand(1, 240, 320, 3, generator=g))
-    assert tuple(out["penultimate_hidden_states"].shape) == (1,) + cvm.SHAPES["vit_h"][:2]
-    assert tuple(out["image_embeds"].shape) == (1, cvm.SHAPES["vit_h"][2])
-    assert torch.isfinite(out["penultimate_hidden_states"]).all()
+    tokens, width, proj = cvm.SHAPES["vit_h"]
+    sd = model.get_sd()
+    assert sd["vision_model.embeddings.position_embedding.weight"].shape == (tokens, width)
+    assert sd["visual_projection.weight"].shape == (proj, width)
+    assert "vision_model.encoder.layers.31.mlp.fc2.weight" in sd and "vision_model.encoder.layers.32.mlp.fc2.weight" not in sd
+    w = sd["vision_model.encoder.layers.5.self_attn.q_proj.weight"].float()
+    assert torch.isfinite(w).all() and 0.5 / width ** 0.5 < w.std() < 2 / width ** 0.5  # initialised, not garbage
 
+    # A CLIP_VISION_OUTPUT of those shapes (encoding ViT-H on a CPU costs seconds; the transition workflow
+    # tests encode through the stock nodes).
+    out = comfy.clip_vision.Output()
+    out["penultimate_hidden_states"] = torch.randn(2, tokens, width)
+    out["image_embeds"] = torch.randn(2, proj)
     plus = mp.SemanticMotionPredictor(mp.make_config(token_count=257, token_dim=1280, **SMALL))
     tok = ck.tokens_from_clip_vision_output(out, plus)
-    assert tok.shape == (1, 257, 1280)
-    assert plus(tok, tok.flip(-1), 4).shape == (1, 4, 257, 1280)
+    assert torch.equal(tok, out["penultimate_hidden_states"])
+    assert plus(tok, tok.flip(0), 4).shape == (2, 4, 257, 1280)
     pooled = mp.SemanticMotionPredictor(mp.make_config(token_count=1, token_dim=1024, **SMALL))
-    assert ck.tokens_from_clip_vision_output(out, pooled).shape == (1, 1, 1024)
+    assert torch.equal(ck.tokens_from_clip_vision_output(out, pooled)[:, 0], out["image_embeds"])
     small = mp.SemanticMotionPredictor(mp.make_config(token_count=50, token_dim=64, **SMALL))
     with pytest.raises(ck.MotionPredictorCompatError, match="1280 channels"):
         ck.tokens_from_clip_vision_output(out, small)

