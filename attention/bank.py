@@ -169,7 +169,7 @@ class CharacterBank:
 
     @staticmethod
     def load(path: str | Path) -> "CharacterBank":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         try:
@@ -189,7 +189,7 @@ class CharacterBank:
                                      meta["fingerprint"], int(meta["reference_count"]), json.loads(meta["settings"]))
         except BankFileError:
             raise
-        except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             raise BankFileError(f"{path.name}: unreadable character bank ({type(e).__name__}: {e})") from e
 
 

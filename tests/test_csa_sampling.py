@@ -4,85 +4,13 @@ The oracle is an independent attn1 replace written here: per cond_or_uncond chun
 union of its group's tokens (rate 1, where CSA has no randomness) or, with references, to itself + the
 references. The pack's patch must match it for every way ComfyUI can batch rows.
 """
-import math
-
 import pytest
 import torch
 
 from models import small_unet
 
 
-def mha(q, k, v, heads):
-    d = q.shape[-1] // heads
-    qh, kh, vh = (t.reshape(t.shape[0], heads, d).transpose(0, 1) for t in (q, k, v))
-    w = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1)
-    return (w @ vh).transpose(0, 1).reshape(q.shape[0], -1)
-
-
-def oracle(refs=0):
-    def replace(q, k, v, extra):
-        heads, rows = extra["n_heads"], q.shape[0]
-        chunks = len(extra["cond_or_uncond"])
-        if rows != extra["original_shape"][0]:
-            return torch.stack([mha(q[r], k[r], v[r], heads) for r in range(rows)])
-        b = rows // chunks
-        cw = extra.get("context_window")
-        absolute = list(cw.index_list) if cw is not None else list(range(b))
-        ref_pos = [p for p, a in enumerate(absolute) if a < refs]
-        out = torch.empty_like(q)
-        for ch in range(chunks):
-            rs = list(range(ch * b, ch * b + b))
-            for i, row in enumerate(rs):
-                if not ref_pos:
-                    group = rs
-                elif i in ref_pos:
-                    group = [rs[p] for p in ref_pos]
-                else:
-                    group = [row] + [rs[p] for p in ref_pos]
-                out[row] = mha(q[row], k[group].reshape(-1, k.shape[-1]), v[group].reshape(-1, v.shape[-1]), heads)
-        return out
-    return replace
-
-
-def with_oracle(model, refs=0):
-    m = model.clone()
-    for number in range(12):
-        for depth in range(10):
-            m.set_model_attn1_replace(oracle(refs), "output", number, depth)
-    return m
-
-
-def csa_model(pack, model, rate=1.0, refs=0, seed=0, schedule="always", blocks=("output",)):
-    patch = pack("attention.patch")
-    s = patch.CSASettings(rates=((8, rate), (16, rate), (32, rate)), reference_count=refs, seed=seed,
-                          schedule=schedule, blocks=blocks)
-    return patch.apply_csa(model, s)
-
-
-def record_chunks(model, log, log_rows=None):
-    log_rows = [] if log_rows is None else log_rows
-
-    def wrapper(apply_model, args):
-        log.append(list(args["cond_or_uncond"]))
-        log_rows.append(args["input"].shape[0] // len(args["cond_or_uncond"]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-    model.set_model_unet_function_wrapper(wrapper)
-    return model
-
-
-def sample(model, b, cfg=5.0, steps=2, seed=0, kind="sd15", size=16, positive=None, sampler="euler"):
-    import comfy.sample
-
-    ctx = 64
-    gen = torch.Generator().manual_seed(123)
-    extra = (lambda n: {"pooled_output": torch.randn(n, 1280, generator=gen)}) if kind == "sdxl" else (lambda n: {})
-    if positive is None:
-        positive = [[torch.randn(b, 77, ctx, generator=gen), extra(b)]]
-    negative = [[torch.randn(1, 77, ctx, generator=gen), extra(1)]]
-    latent = torch.zeros(b, 4, size, size)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", positive, negative, latent,
-                               seed=seed, disable_pbar=True)
+from sampling_helpers import close, csa_model, mha, mha_batch, oracle, record_chunks, sample, with_oracle
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +21,6 @@ def sd15():
 @pytest.fixture(scope="module")
 def sdxl():
     return small_unet("sdxl")
-
-
-def close(a, b):
-    torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.parametrize("refs", [0, 2])
@@ -254,9 +178,6 @@ def test_existing_attn1_replace_is_composed(pack, sd15):
     assert calls and all(calls)
     close(out, sample(with_oracle(sd15), 3))
 
-
-def mha_batch(q, k, v, heads):
-    return torch.stack([mha(q[r], k[r], v[r], heads) for r in range(q.shape[0])])
 
 
 def test_dit_model_is_refused(pack):

@@ -1,0 +1,234 @@
+"""Character banks (write/read protocol) through ComfyUI's real sampler on a real SD1.5 block layout.
+
+The read oracle is written here: it looks the bank entry up by (step from sample_sigmas, layer key, CFG half)
+and attends over own tokens + exactly those tokens.
+"""
+import pytest
+import torch
+
+from models import small_unet
+from sampling_helpers import close, csa_model, mha, sample, with_oracle
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return small_unet("sd15")
+
+
+@pytest.fixture(scope="module")
+def api(pack):
+    bank, patch = pack("attention.bank"), pack("attention.patch")
+    return bank, patch
+
+
+def record(api, model, pack, refs=2, seed=0, rate=0.5, steps=2, positive_seed=0, dtype=torch.float16, size=16,
+           name=None):
+    bank_mod, patch = api
+    csa = csa_model(pack, model, rate=rate, seed=seed)
+    rec = bank_mod.BankRecorder(storage_dtype=dtype, fingerprint=bank_mod.model_fingerprint(csa),
+                                settings=patch.csa_settings_of(csa).as_dict())
+    gen = torch.Generator().manual_seed(positive_seed)
+    positive = [[torch.randn(refs, 77, 64, generator=gen), {}]]
+    out = sample(patch.apply_recording(csa, rec), refs, steps=steps, positive=positive, size=size)
+    return bank_mod.CharacterBank.from_recorder(rec, name or f"char{positive_seed}", "desc"), out
+
+
+def bank_oracle(banks, routing=None):
+    def replace(q, k, v, extra):
+        sched = extra["sample_sigmas"][:-1]
+        step = int(torch.argmin((sched - extra["sigmas"].max()).abs()))
+        block, depth = extra["block"], extra["block_index"]
+        layer = f"{block[0]}.{block[1]}.{depth}"
+        chunks = extra["cond_or_uncond"]
+        b = q.shape[0] // len(chunks)
+        out = torch.empty_like(q)
+        for ch, half in enumerate(chunks):
+            for i in range(b):
+                row = ch * b + i
+                chosen = banks if routing is None else [banks[j] for j in routing[i]]
+                ek = [bk.entries[(step, layer, half)][0].float() for bk in chosen if (step, layer, half) in bk.entries]
+                ev = [bk.entries[(step, layer, half)][1].float() for bk in chosen if (step, layer, half) in bk.entries]
+                out[row] = mha(q[row], torch.cat([k[row]] + ek), torch.cat([v[row]] + ev), extra["n_heads"])
+        return out
+    return replace
+
+
+def oracle_model(model, layers, banks, routing=None):
+    m = model.clone()
+    for name in layers:
+        block, number, depth = name.split(".")
+        m.set_model_attn1_replace(bank_oracle(banks, routing), block, int(number), int(depth))
+    return m
+
+
+def test_recorded_tokens_are_reference_tokens_of_that_step_and_layer(api, pack, sd15):
+    bank_mod, patch = api
+    csa = csa_model(pack, sd15, rate=0.5, seed=4)
+    rec = bank_mod.BankRecorder(storage_dtype=torch.float32)
+    rec_model = patch.apply_recording(csa, rec)
+    seen = {}
+    key = ("output", 5, 0)
+    layer = rec_model.model_options["transformer_options"]["patches_replace"]["attn1"][key]
+
+    def spy(q, k, v, extra):
+        step = int(torch.argmin((extra["sample_sigmas"][:-1] - extra["sigmas"].max()).abs()))
+        seen[step] = (k.clone(), list(extra["cond_or_uncond"]))
+        return layer(q, k, v, extra)
+    rec_model.set_model_attn1_replace(spy, *key)
+    sample(rec_model, 3, steps=3)
+    assert rec.reference_count == 3 and len(seen) == 3
+    for step, (k, chunks) in seen.items():
+        n = k.shape[1]
+        for g, half in enumerate(chunks):
+            entry_k, entry_v = rec.entries[(step, "output.5.0", half)]
+            m = round(0.5 * n)
+            assert entry_k.shape == (3 * m, k.shape[2])
+            pool = k[g * 3:(g + 1) * 3]  # this half's 3 reference images
+            for i in range(3):  # M distinct tokens of each reference image, in image order
+                block = entry_k[i * m:(i + 1) * m]
+                hits = (block[:, None, :] == pool[i][None]).all(-1)
+                assert hits.any(1).all() and len(set(hits.float().argmax(1).tolist())) == m
+    steps = {s for (s, _, _) in rec.entries}
+    assert steps == {0, 1, 2} and rec.schedule and rec.latent_hw == (16, 16)
+
+
+def test_read_equals_own_tokens_plus_recorded_bank(api, pack, sd15):
+    bank, _ = record(api, sd15, pack, refs=2, steps=3)
+    _, patch = api
+    reader = patch.apply_reading(sd15, patch.BankReader((bank,)))
+    out = sample(reader, 3, steps=3)
+    close(out, sample(oracle_model(sd15, bank.layers, [bank]), 3, steps=3))
+    assert not torch.allclose(out, sample(sd15, 3, steps=3))
+
+
+def test_identical_seeds_record_identical_banks(api, pack, sd15):
+    a, out_a = record(api, sd15, pack, seed=7)
+    b, out_b = record(api, sd15, pack, seed=7)
+    c, _ = record(api, sd15, pack, seed=8)
+    assert torch.equal(out_a, out_b)
+    assert a.entries.keys() == b.entries.keys()
+    assert all(torch.equal(a.entries[k][0], b.entries[k][0]) and torch.equal(a.entries[k][1], b.entries[k][1])
+               for k in a.entries)
+    assert any(not torch.equal(a.entries[k][0], c.entries[k][0]) for k in a.entries)
+
+
+def test_saved_and_loaded_bank_gives_identical_panels(api, pack, sd15, tmp_path):
+    bank_mod, patch = api
+    bank, _ = record(api, sd15, pack)
+    path = bank.save(tmp_path / "char.safetensors")
+    loaded = bank_mod.CharacterBank.load(path)
+    assert (loaded.name, loaded.description, loaded.schedule, loaded.latent_hw, loaded.fingerprint) == \
+        (bank.name, bank.description, bank.schedule, bank.latent_hw, bank.fingerprint)
+    assert loaded.settings == bank.settings and loaded.size_bytes == bank.size_bytes
+    run = lambda b: sample(patch.apply_reading(sd15, patch.BankReader((b,))), 2)  # noqa: E731
+    assert torch.equal(run(bank), run(loaded))
+
+
+def test_bad_bank_files_are_refused(api, tmp_path):
+    bank_mod, _ = api
+    import comfy.utils
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(bank_mod.BankFileError, match="junk.safetensors"):
+        bank_mod.CharacterBank.load(junk)
+    other = tmp_path / "other.safetensors"
+    comfy.utils.save_torch_file({"x": torch.zeros(1)}, str(other), metadata={"format": "something-else"})
+    with pytest.raises(bank_mod.BankFileError, match="not a character bank"):
+        bank_mod.CharacterBank.load(other)
+
+
+def test_mismatched_schedule_and_resolution_are_refused(api, pack, sd15):
+    bank_mod, patch = api
+    bank, _ = record(api, sd15, pack, steps=2)
+    reader = patch.apply_reading(sd15, patch.BankReader((bank,)))
+    with pytest.raises(bank_mod.BankMismatchError, match="2-step schedule.*3 steps"):
+        sample(reader, 2, steps=3)
+    with pytest.raises(bank_mod.BankMismatchError, match="latent size 16x16"):
+        sample(reader, 2, steps=2, size=24)
+
+
+def test_other_model_is_refused_by_the_read_node(api, pack, sd15, host):
+    bank, _ = record(api, sd15, pack)
+    node = host.node_class("SDN_ReadCharacterBanks")
+    errors = pack("errors")
+    other = small_unet("sd15", seed=1)
+    with pytest.raises(errors.NodeInputError, match="recorded with another one"):
+        node.execute(other, bank, False)
+    lora_like = sd15.clone()
+    key = next(k for k in sd15.model.state_dict() if k.endswith("attn1.to_q.weight"))
+    lora_like.add_patches({key: (torch.zeros_like(sd15.model.state_dict()[key]),)}, 0.5)
+    with pytest.raises(errors.NodeInputError, match="recorded with another one"):
+        node.execute(lora_like, bank, False)
+    assert node.execute(sd15, bank, False)  # the recording model itself is accepted
+
+
+def test_two_character_routing_reads_both_banks_and_nc_none(api, pack, sd15, host):
+    _, patch = api
+    ann, _ = record(api, sd15, pack, positive_seed=1, name="Ann")
+    bob, _ = record(api, sd15, pack, positive_seed=2, name="Bob")
+    parser = pack("story.parser")
+    story = parser.parse_story("[Ann] a girl\n[Bob] a dog\n---\n[Ann] runs\n[Ann] and [Bob] play\n[NC] a tree\n[Bob] sleeps")
+    model = host.node_class("SDN_ReadCharacterBanks").execute(sd15, ann, False, bank_2=bob, story=story)[0]
+    routing = [(0,), (0, 1), (), (1,)]
+    out = sample(model, 4)
+    close(out, sample(oracle_model(sd15, ann.layers, [ann, bob], routing), 4))
+    nc = sample(sd15, 4)[2]
+    close(out[2], nc)  # the [NC] panel reads nothing: exactly the unpatched model's panel
+
+
+def test_read_with_sharing_within_batch(api, pack, sd15):
+    _, patch = api
+    bank, _ = record(api, sd15, pack, rate=1.0)
+    csa = csa_model(pack, sd15, rate=1.0)
+    model = patch.apply_reading(csa, patch.BankReader((bank,), share=True))
+
+    def shared(q, k, v, extra):  # own + bank + all other read images (rate 1)
+        sched = extra["sample_sigmas"][:-1]
+        step = int(torch.argmin((sched - extra["sigmas"].max()).abs()))
+        layer = f"{extra['block'][0]}.{extra['block'][1]}.{extra['block_index']}"
+        chunks = extra["cond_or_uncond"]
+        b = q.shape[0] // len(chunks)
+        out = torch.empty_like(q)
+        for ch, half in enumerate(chunks):
+            rows = list(range(ch * b, ch * b + b))
+            bk, bv = (t.float() for t in bank.entries[(step, layer, half)])
+            for row in rows:
+                others = [r for r in rows if r != row]
+                kk = torch.cat([k[row], bk] + [k[r] for r in others])
+                vv = torch.cat([v[row], bv] + [v[r] for r in others])
+                out[row] = mha(q[row], kk, vv, extra["n_heads"])
+        return out
+    ref = sd15.clone()
+    for name in bank.layers:
+        b_, n_, d_ = name.split(".")
+        ref.set_model_attn1_replace(shared, b_, int(n_), int(d_))
+    close(sample(model, 3), sample(ref, 3))
+
+
+def test_sliding_window_limits_partners(pack, sd15):
+    csa = pack("attention.csa")
+    assert csa.window_sources(6, 3) == [[1, 2], [0, 2], [1, 3], [2, 4], [3, 5], [3, 4]]
+    p = csa.make_plan(6, 10, 1.0, 0, torch.Generator().manual_seed(0), tile_size=3)
+    assert p.all_idx.shape == (6, 20)
+    assert set((p.all_idx[0] // 10).tolist()) == {1, 2} and set((p.all_idx[5] // 10).tolist()) == {3, 4}
+
+    def partners(i, b):
+        return csa.window_sources(b, 3)[i]
+    close(sample(csa_model(pack, sd15, tile_size=3), 5), sample(with_oracle(sd15, partners=partners), 5))
+    # A window covering the whole batch is plain all-to-all CSA.
+    close(sample(csa_model(pack, sd15, tile_size=5, rate=0.5), 5), sample(csa_model(pack, sd15, rate=0.5), 5))
+
+
+def test_bank_nodes_errors_through_the_executor(host):
+    import sdn_host
+
+    prompt = {
+        "1": {"class_type": "SDNTest_TinyCheckpoint", "inputs": {"kind": "sd15", "seed": 0}},
+        "2": {"class_type": "SDN_RecordCharacterBank", "inputs": {"model": ["1", 0], "storage_dtype": "fp16",
+                                                                  "storage_device": "cpu"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "SDN_CharacterBank", "inputs": {"recorder": ["2", 1], "samples": ["3", 0], "name": "A"}},
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}},
+    }
+    with pytest.raises(sdn_host.WorkflowError, match="SDN_RecordCharacterBank: input 'model': expected a model patched"):
+        host.run(prompt)
