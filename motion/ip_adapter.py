@@ -267,17 +267,19 @@ class IPAdapterAttn2:
     comfy-host pitfall 8: ModelPatcher.clone deep-copies model_options).
     """
 
-    def __init__(self, pos, neg, k_w, v_w, weight: float, sigma_range=None):
+    def __init__(self, pos, neg, k_w, v_w, weight: float, sigma_range=None, base=None):
         self.pos, self.neg, self.k_w, self.v_w = pos, neg, k_w, v_w
         self.weight = float(weight)
         self.sigma_range = sigma_range
+        self.base = base  # an attn2 replace patch that was there before (e.g. another adapter): chained
 
     def __deepcopy__(self, memo):
         return self
 
     def to(self, device):
+        base = self.base.to(device) if hasattr(self.base, "to") else self.base
         return IPAdapterAttn2(self.pos.to(device), self.neg.to(device), self.k_w.to(device),
-                              self.v_w.to(device), self.weight, self.sigma_range)
+                              self.v_w.to(device), self.weight, self.sigma_range, base)
 
     def _active(self, extra_options) -> bool:
         if self.sigma_range is None:
@@ -294,7 +296,10 @@ class IPAdapterAttn2:
 
         heads = extra_options["n_heads"]
         prec = extra_options.get("attn_precision")
-        out = optimized_attention(q, k, v, heads, attn_precision=prec)
+        if self.base is not None:
+            out = self.base(q, k, v, extra_options)
+        else:
+            out = optimized_attention(q, k, v, heads, attn_precision=prec)
         if self.weight == 0.0 or not self._active(extra_options):
             return out
         chunks = list(extra_options.get("cond_or_uncond") or [0])
@@ -365,7 +370,9 @@ def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tenso
     """A patched clone of ``model_patcher``: every cross-attention block gets an :class:`IPAdapterAttn2`.
 
     embeds: EMBEDS (F frames; F == 1 applies to every frame), negative: same shape or None (zeros).
-    Frame f of the latent batch (of the full video under context windows) uses embeds[f].
+    Frame f of the latent batch (of the full video under context windows) uses embeds[f]. An attn2 replace
+    patch already on a block (another adapter, another SDN_ApplyTransitionEmbeds) is kept and chained:
+    its output replaces the plain text attention, and this adapter's image attention is added to it.
     Raises NodeInputError when the adapter does not fit the UNet (layer count, widths) or the embeds.
     """
     from ..errors import NodeInputError
@@ -388,6 +395,8 @@ def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tenso
         ms = model_patcher.get_model_object("model_sampling")
         sigma_range = (ms.percent_to_sigma(start_percent), ms.percent_to_sigma(end_percent))
     m = model_patcher.clone()
+    existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for (key, _), (k_w, v_w) in zip(blocks, adapter.layers):
-        m.set_model_attn2_replace(IPAdapterAttn2(pos, neg, k_w, v_w, weight, sigma_range), *key)
+        base = existing.get(key, existing.get(key[:2]))
+        m.set_model_attn2_replace(IPAdapterAttn2(pos, neg, k_w, v_w, weight, sigma_range, base), *key)
     return m

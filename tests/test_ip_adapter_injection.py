@@ -277,6 +277,14 @@ def test_context_windows_slice_embeds(ipmod, unet, small_plus, latents, embeds, 
         run_unet(m, latents[[0, 2]], extra={"ad_params": {"full_length": 6, "context_length": 2, "sub_idxs": [0, 2]}})
 
 
+def test_two_applications_chain(ipmod, unet, small_plus, latents, embeds):
+    half = ipmod.apply_ip_adapter(ipmod.apply_ip_adapter(unet, small_plus, embeds, weight=0.5), small_plus, embeds,
+                                  weight=0.5)
+    torch.testing.assert_close(run_unet(half, latents),
+                               run_unet(ipmod.apply_ip_adapter(unet, small_plus, embeds, weight=1.0), latents),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_single_embed_applies_to_every_frame(ipmod, unet, small_plus, latents, embeds):
     one = run_unet(ipmod.apply_ip_adapter(unet, small_plus, embeds[:1]), latents)
     rep = run_unet(ipmod.apply_ip_adapter(unet, small_plus, embeds[:1].expand(F, -1, -1)), latents)
