@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from models import init_weights_, small_unet
+from models import init_weights_
 
 # SD1.5 cross-attention inner widths in IP-Adapter order (input 1,2,4,5,7,8; output 3..11; middle)
 SD15_INNER = [320, 320, 640, 640, 1280, 1280] + [1280] * 3 + [640] * 3 + [320] * 3 + [1280]

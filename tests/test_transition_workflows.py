@@ -13,7 +13,6 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -243,8 +242,6 @@ def runnable(wf, small_cv=False):
             w[0] = w[1] = 64
         elif t == "KSampler":
             w[2] = 2
-        elif t == "SDN_ConsistentSelfAttention":
-            pass
     return wf
 
 
