@@ -169,8 +169,8 @@ class StoryPanels(io.ComfyNode):
                                        "and attention_mask sliced alike)."),
                 StoryType.Output("selected_story", display_name="story", tooltip="The selected panels as a story; each panel keeps its index in the "
                                  "full story (for SDN_ReadCharacterBanks routing and SDN_MergePanels)."),
-                io.Int.Output("panel_count", tooltip="Number of selected panels (the latent batch size)."),
-                io.String.Output("captions", tooltip="The selected panels' captions, one line per panel."),
+                io.Int.Output("panel_count", display_name="panel_count", tooltip="Number of selected panels (the latent batch size)."),
+                io.String.Output("captions", display_name="captions", tooltip="The selected panels' captions, one line per panel."),
             ],
         )
 
@@ -207,10 +207,10 @@ class StoryBatches(io.ComfyNode):
             ],
             outputs=[
                 io.Conditioning.Output("batch_positive", display_name="positive", is_output_list=True, tooltip="Per batch: its rows of the conditioning."),
-                io.Latent.Output("latent", is_output_list=True, tooltip="Per batch: an empty latent with one image per panel."),
+                io.Latent.Output("latent", display_name="latent", is_output_list=True, tooltip="Per batch: an empty latent with one image per panel."),
                 StoryType.Output("batch_story", display_name="story", is_output_list=True, tooltip="Per batch: its panels (connect to Read Character "
                                  "Banks' story and to Merge Panels)."),
-                io.Int.Output("panel_count", is_output_list=True, tooltip="Per batch: its number of panels."),
+                io.Int.Output("panel_count", display_name="panel_count", is_output_list=True, tooltip="Per batch: its number of panels."),
             ],
         )
 
@@ -256,8 +256,8 @@ class MergePanels(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output("merged_images", display_name="images", tooltip="All panel images in story order (one batch)."),
-                io.String.Output("captions", tooltip="Their captions, one line per panel (for Comic Layout)."),
-                io.Int.Output("panel_count", tooltip="Number of merged panels."),
+                io.String.Output("captions", display_name="captions", tooltip="Their captions, one line per panel (for Comic Layout)."),
+                io.Int.Output("panel_count", display_name="panel_count", tooltip="Number of merged panels."),
             ],
         )
 
