@@ -61,6 +61,19 @@ class SamplingPlan:
     ref_idx: torch.Tensor | None = None
     story_idx: torch.Tensor | None = None
 
+    def __post_init__(self):
+        # Key index per target image: its own N tokens, then its extra tokens. One gather then builds every
+        # image's keys in place (no separate gather + concatenation copy).
+        n, r = self.num_tokens, self.ref_count
+        for name, idx, first in (("all_keys", self.all_idx, 0), ("ref_keys", self.ref_idx, 0),
+                                 ("story_keys", self.story_idx, r)):
+            keys = None
+            if idx is not None:
+                own = (torch.arange(idx.shape[0], device=idx.device)[:, None] + first) * n
+                own = own + torch.arange(n, device=idx.device)[None]
+                keys = torch.cat((own, idx), dim=1)
+            object.__setattr__(self, name, keys)
+
     def to(self, device: torch.device) -> "SamplingPlan":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SamplingPlan(self.num_images, self.num_tokens, self.per_source, self.ref_count,
@@ -133,9 +146,9 @@ def attend_with_extra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x ``[G, B, N, C]``, idx ``[T, E]`` flat into B*N -> ``[G, T, E, C]``."""
+    """x ``[G, B, N, C]``, idx ``[T, E]`` flat into B*N -> ``[G * T, E, C]``."""
     g, b, n, c = x.shape
-    return x.reshape(g, b * n, c)[:, idx]
+    return x.reshape(g, b * n, c)[:, idx].reshape(g * idx.shape[0], idx.shape[1], c)
 
 
 def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, plan: SamplingPlan,
@@ -156,19 +169,14 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     g = rows // b
     q4, k4, v4 = (t.reshape(g, b, n, c) for t in (q, k, v))
     if plan.ref_count == 0:
-        ek, ev = _gather(k4, plan.all_idx), _gather(v4, plan.all_idx)
-        return attend_with_extra(q, k, v, ek.reshape(rows, -1, c), ev.reshape(rows, -1, c), heads,
-                                 attention_fn, **attn_kwargs)
+        return attention_fn(q, _gather(k4, plan.all_keys), _gather(v4, plan.all_keys), heads, **attn_kwargs)
     r = plan.ref_count
 
-    def part(sl: slice, idx: torch.Tensor) -> torch.Tensor:
-        qq, kk, vv = (t[:, sl].reshape(-1, n, c) for t in (q4, k4, v4))
-        ek, ev = _gather(k4, idx), _gather(v4, idx)
-        out = attend_with_extra(qq, kk, vv, ek.reshape(qq.shape[0], -1, c), ev.reshape(qq.shape[0], -1, c),
-                                heads, attention_fn, **attn_kwargs)
+    def part(sl: slice, keys: torch.Tensor) -> torch.Tensor:
+        out = attention_fn(q4[:, sl].reshape(-1, n, c), _gather(k4, keys), _gather(v4, keys), heads, **attn_kwargs)
         return out.reshape(g, -1, n, c)
 
-    out = torch.cat((part(slice(0, r), plan.ref_idx), part(slice(r, b), plan.story_idx)), dim=1)
+    out = torch.cat((part(slice(0, r), plan.ref_keys), part(slice(r, b), plan.story_keys)), dim=1)
     return out.reshape(rows, n, c)
 
 

@@ -357,8 +357,7 @@ class _CSALayer:
         if reader.share:
             found = self.plan(call, n, q.device, refs=0)
             if found is not None:
-                plan, _ = found
-                idx = plan.all_idx
+                idx = found[0].all_idx
                 k3, v3 = k.reshape(-1, b * n, c), v.reshape(-1, b * n, c)
                 csa_k, csa_v = k3[:, idx].reshape(rows, -1, c), v3[:, idx].reshape(rows, -1, c)
         # Bank tokens per row: the banks of the row's panel, for this step, layer and CFG half.

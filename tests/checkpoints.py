@@ -39,7 +39,7 @@ SD15_UNET = {
     "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
     "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
     "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
-    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "use_temporal_attention": False,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
 

@@ -35,7 +35,7 @@ def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True, context_dim
             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
             "context_dim": context_dim if tiny else 768, "num_heads": 8, "num_head_channels": -1,
-            "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
             "dtype": torch.float32,
         }
         cfg = sm.SD15(unet_config)

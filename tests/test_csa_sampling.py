@@ -116,6 +116,11 @@ def test_sdxl_patches_the_decoder_self_attention_only(pack, sdxl):
     assert len(patch.attention_blocks(sdxl)) == 4 + 20 + 10 + 36  # every transformer block found
 
 
+def test_sd15_patches_output_blocks_3_to_11(pack, sd15):
+    keys = set(csa_model(pack, sd15).model_options["transformer_options"]["patches_replace"]["attn1"])
+    assert keys == {("output", n, 0) for n in range(3, 12)}  # SD1.5's decoder attention: 1/32, 1/16, 1/8
+
+
 def test_rate_zero_and_batch_one_are_plain(pack, sd15):
     close(sample(csa_model(pack, sd15, rate=0.0), 3), sample(sd15, 3))
     close(sample(csa_model(pack, sd15, rate=1.0), 1), sample(sd15, 1))
