@@ -198,3 +198,29 @@ def test_dit_model_is_refused(pack):
     mp = comfy.model_patcher.ModelPatcher(FakeDiT(), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(errors.UnsupportedModelError, match="DiT"):
         patch.apply_csa(mp, patch.CSASettings())
+
+
+def test_temporal_layout_is_left_alone(pack):
+    # SVD-style temporal attention reuses attn1 keys with rows = (b*h*w) != original_shape[0]: plain attention.
+    patch = pack("attention.patch")
+    layer = patch._CSALayer(patch.CSASettings(rates=((8, 1.0), (16, 1.0), (32, 1.0))), None, patch._Memo())
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2 * 16, 4, 32, generator=gen) for _ in range(3))  # 16 pixels x 2 rows, 4 frames
+    extra = {"n_heads": 4, "original_shape": [4, 4, 4, 4], "cond_or_uncond": [1, 0], "sigmas": torch.tensor([1.0]),
+             "sample_sigmas": torch.tensor([1.0, 0.0]), "block": ("output", 3), "block_index": 0}
+    close(layer(q, k, v, extra), mha_batch(q, k, v, 4))
+
+
+def test_pack_import_is_light():
+    # ComfyUI imports the package at start-up: its __init__ must import nothing (node modules load later).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    init = Path(__file__).resolve().parent.parent / "__init__.py"
+    code = ("import importlib.util, sys; before = set(sys.modules); "
+            f"spec = importlib.util.spec_from_file_location('sdn_pack', {str(init)!r}, submodule_search_locations=[]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "print(sorted(set(sys.modules) - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
