@@ -1,4 +1,5 @@
-"""Story prompts and comic pages: SDN_StoryPrompt, SDN_ComicLayout. Logic lives in ``story/``."""
+"""Story prompts and comic pages: SDN_StoryPrompt, SDN_ComicLayout; reference-mode panel bookkeeping:
+SDN_StoryPanels, SDN_StoryBatches, SDN_MergePanels. Logic lives in ``story/``."""
 from __future__ import annotations
 
 import torch
@@ -219,6 +220,8 @@ class StoryBatches(io.ComfyNode):
         import comfy.model_management
 
         total = len(story.panels)
+        if total == 0:
+            raise NodeInputError("SDN_StoryBatches", "story", "a story with at least one panel")
         conds, latents, stories, counts = [], [], [], []
         for rows in split_batches(total, batch_size):
             conds.append(slice_conditioning(positive, rows, total, "SDN_StoryBatches"))

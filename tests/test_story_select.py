@@ -143,6 +143,8 @@ def test_story_batches_node(pack, story):
     assert [tuple(l["samples"].shape) for l in latents] == [(3, 4, 8, 12), (3, 4, 8, 12), (1, 4, 8, 12)]
     assert all(not l["samples"].any() for l in latents)
     assert all(set(l) == {"samples"} for l in latents)
+    with pytest.raises(pack("errors").NodeInputError, match="at least one panel"):
+        nodes.StoryBatches.execute(cond, pack("story.select").sub_story(rest, []), 3, 96, 64)
 
 
 # -- merging ------------------------------------------------------------------------------------------------
