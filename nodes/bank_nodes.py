@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..attention.bank import DTYPES, BankFileError, BankRecorder, CharacterBank, model_fingerprint
 from ..attention.patch import BankReader, apply_reading, apply_recording, csa_settings_of
 from ..errors import NodeInputError
+from .folders import model_folder
 
 BANK = io.Custom("SDN_BANK")
 RECORDER = io.Custom("SDN_BANK_RECORDER")
@@ -15,11 +16,7 @@ FOLDER = "sdn_characters"
 
 
 def _register_folder():
-    import folder_paths
-
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(FOLDER, str(Path(folder_paths.models_dir) / FOLDER))
-    folder_paths.folder_names_and_paths[FOLDER] = (folder_paths.folder_names_and_paths[FOLDER][0], {".safetensors"})
+    model_folder(FOLDER, {".safetensors"})
 
 
 class RecordCharacterBank(io.ComfyNode):

@@ -5,12 +5,12 @@ The folder is registered with ``folder_paths`` when this module is imported (Com
 the key ``motion_predictors``.
 """
 import json
-import os
 
 import folder_paths
 from comfy_api.latest import io
 
 from ..errors import NodeInputError
+from .folders import model_folder
 from ..motion.checkpoint import MotionPredictorFileError, load_predictor
 
 FOLDER = "motion_predictors"
@@ -20,17 +20,7 @@ MOTION_PREDICTOR = io.Custom("SDN_MOTION_PREDICTOR")
 
 def register_model_folder() -> None:
     """Add ``<models>/motion_predictors`` (extension .safetensors) to ComfyUI's model folders; idempotent."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
-        return
-    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
-    if default not in paths:
-        paths.append(default)
-    if isinstance(exts, set):
-        exts.update(EXTENSIONS)
-    elif isinstance(exts, list):
-        exts.extend(e for e in EXTENSIONS if e not in exts)
+    model_folder(FOLDER, EXTENSIONS)
 
 
 register_model_folder()

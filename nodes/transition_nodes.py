@@ -3,11 +3,11 @@ per-frame text conditionings (for AnimateDiff-Evolved or any per-frame consumer)
 """
 from __future__ import annotations
 
-import os
 
 from comfy_api.latest import io
 
 from ..errors import NodeInputError
+from .folders import model_folder
 
 CATEGORY = "StoryDiffusion/transition"
 INTERPOLATIONS = ["linear", "slerp"]
@@ -23,10 +23,7 @@ def ipadapter_files() -> list[str]:
     """Files of the ComfyUI model folder "ipadapter" (registered as models/ipadapter when no other pack did)."""
     import folder_paths
 
-    if "ipadapter" not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths["ipadapter"] = (
-            [os.path.join(folder_paths.models_dir, "ipadapter")], {".safetensors", ".bin"})
-    return folder_paths.get_filename_list("ipadapter")
+    return folder_paths.get_filename_list(model_folder("ipadapter", {".safetensors", ".bin"}))
 
 
 class TransitionEmbeds(io.ComfyNode):

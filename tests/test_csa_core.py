@@ -1,7 +1,6 @@
 """CSA core semantics: limits against independently written attention, fast path vs per-image loop."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from models import small_unet
 
 
-from sampling_helpers import close, csa_model, mha, mha_batch, oracle, record_chunks, sample, with_oracle
+from sampling_helpers import close, csa_model, mha_batch, oracle, record_chunks, sample, with_oracle
 
 
 @pytest.fixture(scope="module")
