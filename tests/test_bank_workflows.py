@@ -215,10 +215,10 @@ def test_two_characters_sd15(host, pack):
 @pytest.fixture(scope="module")
 def photomaker_file(host, tmp_path_factory):
     """A PhotoMaker v1 ID encoder state dict (ComfyUI's PhotoMakerIDEncoder architecture), deterministic random
-    weights, fp16; cached across sessions like the other random-weight test models."""
+    weights, fp16; written once per test session."""
     from safetensors.torch import save_file
 
-    cache = tmp_path_factory.getbasetemp().parent / "sdn-test-cache"
+    cache = tmp_path_factory.getbasetemp() / "sdn-test-cache"
     cache.mkdir(parents=True, exist_ok=True)
     cached = cache / "photomaker_v1_seed7_v1.safetensors"
     if not cached.exists():

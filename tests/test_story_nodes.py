@@ -28,14 +28,13 @@ CAPTIONS = "\nat last"
 def clip_file(host, tmp_path_factory):
     """A CLIP-L (SD1.5 text encoder) state dict with deterministic, non-degenerate random weights, fp16.
 
-    Generated once into a cache folder next to pytest's per-session temp folders (``/tmp/pytest-of-<user>/``
-    survives sessions; pytest's own cache plugin is off in pyproject) and linked into the host's
-    models/text_encoders, so later sessions skip the generation.
+    Generated once per test session (never reused across sessions: a stale file could hide a change) and
+    linked into the host's models/text_encoders.
     """
     import comfy.sd1_clip
     from safetensors.torch import save_file
 
-    cache = tmp_path_factory.getbasetemp().parent / "sdn-test-cache"
+    cache = tmp_path_factory.getbasetemp() / "sdn-test-cache"
     cache.mkdir(parents=True, exist_ok=True)
     cached = cache / "story_clip_l_seed1234_v1.safetensors"
     if not cached.exists():
