@@ -57,3 +57,25 @@ def write_random_checkpoint(path, kind="sd15", seed=0):
     mp = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
     comfy.sd.save_checkpoint(str(path), mp, clip=random_clip("sd15", seed), vae=random_vae(seed))
     return path
+
+
+def install_random_weights(host, folder: str, name: str, shapes: dict, seed: int, bias_scale: float = 0.0) -> str:
+    """Write a state dict of ``shapes`` (fp16; norm weights 1, biases N(0, bias_scale), others N(0, 0.02)) as
+    ``models/<folder>/<name>`` of the test host, once per session; return ``name`` for the loader node."""
+    from safetensors.torch import save_file
+
+    path = host.base_directory / "models" / folder / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(seed)
+        sd = {}
+        for k, shape in shapes.items():
+            if "norm" in k and k.endswith("weight"):
+                t = torch.ones(shape)
+            elif k.endswith("bias"):
+                t = torch.randn(shape, generator=g) * bias_scale
+            else:
+                t = torch.randn(shape, generator=g) * 0.02
+            sd[k] = t.half().contiguous()
+        save_file(sd, str(path))
+    return name

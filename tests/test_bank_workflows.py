@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from checkpoints import install_random_weights
 from PIL import Image
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
@@ -213,38 +215,15 @@ def test_two_characters_sd15(host, pack):
 
 
 @pytest.fixture(scope="module")
-def photomaker_file(host, tmp_path_factory):
+def photomaker_file(host):
     """A PhotoMaker v1 ID encoder state dict (ComfyUI's PhotoMakerIDEncoder architecture), deterministic random
     weights, fp16; written once per test session."""
-    from safetensors.torch import save_file
 
-    cache = tmp_path_factory.getbasetemp() / "sdn-test-cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    cached = cache / "photomaker_v1_seed7_v1.safetensors"
-    if not cached.exists():
-        import importlib
+    import importlib
 
-        pm = importlib.import_module("comfy_extras.nodes_photomaker")
-        shapes = {k: v.shape for k, v in pm.PhotoMakerIDEncoder().state_dict().items()}  # empty, never run
-        g = torch.Generator().manual_seed(7)
-        sd = {}
-        for k, shape in shapes.items():
-            if ("norm" in k) and k.endswith("weight"):
-                t = torch.ones(shape)
-            elif k.endswith("bias"):
-                t = torch.zeros(shape)
-            else:
-                t = torch.randn(shape, generator=g) * 0.02
-            sd[k] = t.half().contiguous()
-        tmp = cached.with_suffix(".partial")
-        save_file(sd, str(tmp))
-        tmp.replace(cached)
-    folder = host.base_directory / "models" / "photomaker"
-    folder.mkdir(parents=True, exist_ok=True)
-    link = folder / "sdn-random-photomaker-v1.safetensors"
-    if not link.exists():
-        link.symlink_to(cached)
-    return link.name
+    pm = importlib.import_module("comfy_extras.nodes_photomaker")
+    shapes = {k: v.shape for k, v in pm.PhotoMakerIDEncoder().state_dict().items()}  # empty, never run
+    return install_random_weights(host, "photomaker", "sdn-random-photomaker-v1.safetensors", shapes, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import re
 import pytest
 import torch
 
+from checkpoints import install_random_weights
+
 CLIP_NAME = "sdn_story_test_clip_l.safetensors"
 
 # about 90 CLIP tokens: 2 chunks of 77 (CLIP-L on CPU costs about a second per chunk: keep chunks few)
@@ -25,41 +27,17 @@ CAPTIONS = "\nat last"
 
 
 @pytest.fixture(scope="session")
-def clip_file(host, tmp_path_factory):
+def clip_file(host):
     """A CLIP-L (SD1.5 text encoder) state dict with deterministic, non-degenerate random weights, fp16.
 
-    Generated once per test session (never reused across sessions: a stale file could hide a change) and
-    linked into the host's models/text_encoders.
+    Written once per test session into the host's models/text_encoders.
     """
     import comfy.sd1_clip
-    from safetensors.torch import save_file
 
-    cache = tmp_path_factory.getbasetemp() / "sdn-test-cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    cached = cache / "story_clip_l_seed1234_v1.safetensors"
-    if not cached.exists():
-        # shapes from ComfyUI's own CLIP-L definition; meta device: no memory, no (garbage) values
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in comfy.sd1_clip.SDClipModel(device="meta").transformer.state_dict().items()}
-        g = torch.Generator().manual_seed(1234)
-        sd = {}
-        for k, shape in shapes.items():
-            if "norm" in k and k.endswith("weight"):
-                t = torch.ones(shape)
-            elif k.endswith("bias"):
-                t = torch.randn(shape, generator=g) * 0.01
-            else:
-                t = torch.randn(shape, generator=g) * 0.02
-            sd[k] = t.half().contiguous()
-        tmp = cached.with_suffix(".partial")
-        save_file(sd, str(tmp))
-        tmp.replace(cached)
-    folder = host.base_directory / "models" / "text_encoders"
-    folder.mkdir(parents=True, exist_ok=True)
-    link = folder / CLIP_NAME
-    if not link.exists():
-        link.symlink_to(cached)
-    return CLIP_NAME
+    # shapes from ComfyUI's own CLIP-L definition; meta device: no memory, no (garbage) values
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in comfy.sd1_clip.SDClipModel(device="meta").transformer.state_dict().items()}
+    return install_random_weights(host, "text_encoders", CLIP_NAME, shapes, seed=1234, bias_scale=0.01)
 
 
 STYLE = "comic book"
