@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_vision_models import SHAPES, load_clip_vision, write_clip_vision
+from clip_vision_models import SHAPES, load_clip_vision, shared_clip_vision, write_clip_vision
 
 REPO = Path(__file__).resolve().parent.parent
 VIT_H_NAME = "sdn-random-vit-h.safetensors"
@@ -148,7 +148,7 @@ def tiny_cross_attention_dims(pack):
 
 
 @pytest.fixture(scope="module")
-def assets(host, pack):
+def assets(host, pack, tmp_path_factory):
     """Model files and keyframe images for the runnable part of the workflows."""
     import folder_paths
     import safetensors.torch
@@ -158,7 +158,10 @@ def assets(host, pack):
     from test_ip_adapter_injection import make_ip_state_dict
 
     models = Path(folder_paths.models_dir)
-    write_clip_vision(models / "clip_vision" / VIT_H_NAME, "vit_h")
+    vit_h = models / "clip_vision" / VIT_H_NAME
+    vit_h.parent.mkdir(parents=True, exist_ok=True)
+    if not vit_h.exists():  # the session's one ViT-H file (also used by the predictor tests)
+        vit_h.symlink_to(shared_clip_vision(tmp_path_factory, "vit_h"))
     pack("nodes.transition_nodes").ipadapter_files()
     ipa = Path(folder_paths.get_folder_paths("ipadapter")[0]) / IPA_NAME
     ipa.parent.mkdir(parents=True, exist_ok=True)
