@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                 inputs["steps"] = args.steps
             if args.seed is not None:
                 inputs["seed" if "seed" in inputs else "noise_seed"] = args.seed
-        elif ctype == "EmptyLatentImage" and args.size:
+        elif ctype in ("EmptyLatentImage", "SDN_StoryBatches") and args.size:
             inputs.update(width=args.size, height=args.size)
     try:
         result = host.run(prompt)

@@ -151,7 +151,8 @@ def bootstrap(base_directory: str | os.PathLike | None = None, comfyui: str | No
 
     ``base_directory``: where models/, input/, output/, custom_nodes/ live. Given (tests, the pinned copy):
     the folders are created there and the pack is linked into ``custom_nodes/comfyui-storydiffusion-native``.
-    None: the ComfyUI folder's own (a user's checkout; the pack is loaded from where it is).
+    None: the ComfyUI folder's own (a user's checkout): every custom node pack installed there is loaded too
+    (workflows may need them, e.g. AnimateDiff-Evolved), and this pack from where it is if not among them.
     ``cpu``: force CPU (default: CPU when CUDA is absent). One ComfyUI per process: a second call returns
     the first host.
     """
@@ -193,10 +194,14 @@ def bootstrap(base_directory: str | os.PathLike | None = None, comfyui: str | No
         level = root_logger.level
         root_logger.setLevel(logging.ERROR)
         try:
-            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=base_directory is None, init_api_nodes=False))
         finally:
             root_logger.setLevel(level)
-    if not asyncio.run(nodes.load_custom_node(str(pack_path))):
+    # A user's checkout may already have loaded this pack from its custom_nodes folder.
+    loaded = [d for d in nodes.LOADED_MODULE_DIRS.values() if Path(d).resolve() == PACK_ROOT]
+    if loaded:
+        pack_path = Path(loaded[0])
+    elif not asyncio.run(nodes.load_custom_node(str(pack_path))):
         raise HostError(f"ComfyUI failed to load the pack from {pack_path}; see the log above.")
     module_name = str(pack_path).replace(".", "_x_")
     _HOST = Host(root=root, base_directory=base, nodes=nodes, execution=execution, pack_module_name=module_name)
@@ -208,11 +213,16 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
 
     Widget values are matched to the node's widget inputs in order; INT inputs with
     ``control_after_generate`` carry one extra UI-only value. Links become ``[src_id, slot]``.
-    Notes and other UI-only nodes (no class in ``node_classes``, mode 4 bypass is not supported) are skipped.
+    Notes and other UI-only nodes are skipped, and so are muted nodes (mode 2); bypassed nodes (mode 4) are
+    refused (their links would need rewiring).
     """
     links = {l[0]: l for l in workflow.get("links", [])}
     prompt: dict = {}
     for node in workflow["nodes"]:
+        if node.get("mode", 0) == 2:
+            continue
+        if node.get("mode", 0) == 4:
+            raise WorkflowError(f"workflow node {node['id']} ({node['type']}) is bypassed; un-bypass or remove it")
         ctype = node["type"]
         if ctype not in node_classes:
             if ctype in ("Note", "MarkdownNote", "Reroute", "PrimitiveNode"):

@@ -37,3 +37,31 @@ def test_comic_pages_written(tmp_path, host, sd15_checkpoint):
     assert len(written) == 1 and written[0].is_file() and written[0].is_relative_to(tmp_path / "pages")
     page = np.asarray(Image.open(written[0]).convert("RGB"))
     assert page.shape == (1024, 1024, 3) and page.std() > 5
+
+
+def test_user_checkout_with_the_pack_installed(tmp_path, host, sd15_checkpoint):
+    # A ComfyUI checkout of the user's own: the pinned tree's code (top-level modules copied, since ComfyUI
+    # finds its base folder from folder_paths.py's real path; packages linked), its own models/ and
+    # custom_nodes/ with this pack cloned (linked) inside, as README's install step leaves it.
+    import shutil
+
+    checkout = tmp_path / "ComfyUI"
+    checkout.mkdir()
+    for entry in host.root.iterdir():
+        if entry.name in ("custom_nodes", "models", "output", "input", "user", "temp", "__pycache__"):
+            continue
+        if entry.is_file():
+            shutil.copy2(entry, checkout / entry.name)
+        else:
+            (checkout / entry.name).symlink_to(entry)
+    (checkout / "custom_nodes").mkdir()
+    (checkout / "custom_nodes" / "comfyui-storydiffusion-native").symlink_to(REPO, target_is_directory=True)
+    ckpts = checkout / "models" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "my_model.safetensors").symlink_to(host.base_directory / "models" / "checkpoints" / sd15_checkpoint)
+    proc = run("--comfyui", str(checkout), "--checkpoint", "my_model.safetensors", "--workflow", "comic_sd15",
+               "--steps", "1", "--size", "64", "--out", str(tmp_path / "pages"), "--cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [Path(line) for line in proc.stdout.splitlines() if line.endswith(".png")]
+    assert len(written) == 1 and written[0].is_file()
+    assert np.asarray(Image.open(written[0])).shape[:2] == (1024, 1024)
