@@ -50,17 +50,19 @@ def model_fingerprint(model_patcher) -> str:
     """Identify the weights that produce the keys/values: architecture, config, base weights, weight patches.
 
     Cheap (no full hash): model class, UNet config, a checksum of a few attention projection weights, and the
-    keys and strengths of weight patches such as LoRAs.
+    keys and strengths of weight patches such as LoRAs. Base weights are read from the patcher's backup when
+    ComfyUI has applied patches in place (a loaded model), so loading state never changes the fingerprint.
     """
     model = model_patcher.model
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     cfg = getattr(getattr(model, "model_config", None), "unet_config", {}) or {}
     h.update(json.dumps({k: str(v) for k, v in sorted(cfg.items())}).encode())
-    sd = model.diffusion_model.state_dict()
-    probes = [k for k in sorted(sd) if k.endswith("attn1.to_k.weight")][:4]
+    sd = model.state_dict()
+    backup = getattr(model_patcher, "backup", {}) or {}
+    probes = [k for k in sorted(sd) if k.startswith("diffusion_model.") and k.endswith("attn1.to_k.weight")][:4]
     for k in probes:
-        w = sd[k].detach().float().flatten()
+        w = (backup[k].weight if k in backup else sd[k]).detach().float().flatten()
         h.update(k.encode())
         h.update(repr((round(float(w.sum()), 4), round(float(w.abs().sum()), 4),
                        [round(float(x), 6) for x in w[:8]])).encode())

@@ -232,3 +232,16 @@ def test_bank_nodes_errors_through_the_executor(host):
     }
     with pytest.raises(sdn_host.WorkflowError, match="SDN_RecordCharacterBank: input 'model': expected a model patched"):
         host.run(prompt)
+
+
+def test_fingerprint_ignores_weights_patched_in_place_by_sampling(api, sd15):
+    # ComfyUI applies LoRA-style weight patches in place while a model is loaded: the fingerprint must describe
+    # the model (base weights + patches), not its loaded state, or a read after sampling would be refused.
+    bank_mod, _ = api
+    lora_like = sd15.clone()
+    key = next(k for k in sd15.model.state_dict() if k.endswith("attn1.to_k.weight"))
+    lora_like.add_patches({key: (torch.ones_like(sd15.model.state_dict()[key]),)}, 0.5)
+    before = bank_mod.model_fingerprint(lora_like)
+    sample(lora_like, 2, steps=1)
+    assert bank_mod.model_fingerprint(lora_like) == before
+    assert bank_mod.model_fingerprint(sd15) != before
