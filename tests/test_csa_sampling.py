@@ -224,3 +224,32 @@ def test_pack_import_is_light():
             "print(sorted(set(sys.modules) - before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_controlnet_alongside_csa(pack, sd15):
+    # A ControlNet of the same real layout (random weights) on the positive: CSA still matches the oracle, and
+    # the ControlNet still acts (outputs differ from the run without it).
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    from models import init_weights_
+
+    cfg = dict(sd15.model.model_config.unet_config)
+    for key in ("transformer_depth_output", "dtype", "image_model", "use_temporal_attention", "use_temporal_resblock"):
+        cfg.pop(key, None)
+    cn_model = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, operations=comfy.ops.disable_weight_init)
+    init_weights_(cn_model, seed=3, scale=0.05)
+    cn = comfy.controlnet.ControlNet(cn_model, load_device=torch.device("cpu"))  # hint in pixels, 8x the latent
+    hint = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(8)
+    text = torch.randn(3, 77, 64, generator=gen)
+
+    def positive(with_control):
+        extras = {}
+        if with_control:
+            extras = {"control": cn.copy().set_cond_hint(hint, 1.0, (0.0, 1.0)), "control_apply_to_uncond": True}
+        return [[text, extras]]
+    out = sample(csa_model(pack, sd15), 3, positive=positive(True))
+    close(out, sample(with_oracle(sd15), 3, positive=positive(True)))
+    assert not torch.allclose(out, sample(csa_model(pack, sd15), 3, positive=positive(False)), atol=1e-3)
