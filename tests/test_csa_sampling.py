@@ -253,3 +253,14 @@ def test_controlnet_alongside_csa(pack, sd15):
     out = sample(csa_model(pack, sd15), 3, positive=positive(True))
     close(out, sample(with_oracle(sd15), 3, positive=positive(True)))
     assert not torch.allclose(out, sample(csa_model(pack, sd15), 3, positive=positive(False)), atol=1e-3)
+
+
+def test_lora_weight_patches_stay_applied(pack, sd15):
+    # Weight patches (what LoraLoader adds) and CSA compose: the patched weights are used under CSA.
+    lora = sd15.clone()
+    sd = sd15.model.state_dict()
+    for key in [k for k in sd if k.endswith(("attn1.to_k.weight", "attn1.to_v.weight"))]:
+        lora.add_patches({key: (torch.randn(sd[key].shape, generator=torch.Generator().manual_seed(5)) * 0.05,)}, 1.0)
+    out = sample(csa_model(pack, lora), 3)
+    close(out, sample(with_oracle(lora), 3))
+    assert not torch.allclose(out, sample(csa_model(pack, sd15), 3), atol=1e-3)
