@@ -53,12 +53,13 @@ class TrainOptions:
     max_frames: int = 128
     min_span: int | None = None
     max_span: int | None = None
-    frame_stride: int = 1
-    short_side: int = 224
-    max_frames_per_video: int | None = 600
-    crop: bool = True
-    cut_threshold: float = 0.12
-    encode_batch: int = 16
+    # decoding and encoding: defaults are EncodeSettings' (one place)
+    frame_stride: int = EncodeSettings.frame_stride
+    short_side: int = EncodeSettings.short_side
+    max_frames_per_video: int | None = EncodeSettings.max_frames_per_video
+    crop: bool = EncodeSettings.crop
+    cut_threshold: float = EncodeSettings.cut_threshold
+    encode_batch: int = EncodeSettings.batch_size
     cache_dir: str | None = None               # default: <out>.cache/
     save_every: int = 1000
     save_dtype: str = "float32"
