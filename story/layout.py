@@ -13,19 +13,29 @@ Geometry: a gutter of ``gutter`` px surrounds every cell (page margins included)
 splits of what is left. A border of ``border_width`` px is drawn inside each cell edge and the panel fills the
 rest. Panels keep their aspect by CENTER-CROP (cover) to the cell, then Lanczos resize: cells are always fully
 filled, as in printed comics; edges of panels whose aspect differs from the cell are cut.
-Captions: drawn in a translucent white box across the panel bottom, black text, wrapped at word boundaries
-(a word wider than the panel is broken by characters); the font shrinks down to 6 px if the wrapped text would
-take more than half of the panel, and lines that still do not fit are dropped with "..." so text never leaves
-the panel. Cells with no panel on the last page are left as background.
+Captions: drawn in a translucent white box across the panel bottom, black text, wrapped at spaces and between
+CJK characters (a word wider than the panel is broken between characters; each line's end is found by
+galloping/bisection, so wrapping is about linear in the caption length); the font shrinks down to 6 px if the
+wrapped text would take more than half of the panel, and lines that still do not fit are dropped with "..." so
+text never leaves the panel. Any script: each caption is drawn in a font that has all its characters
+(``CaptionFonts``: ``font_path``, Pillow's default, installed fonts), right-to-left captions (Hebrew, Arabic)
+are laid out, shaped and right-aligned by Pillow's raqm layout; a caption no font can draw is an error, never a
+row of boxes. Cells with no panel on the last page are left as background.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
+import shutil
+import subprocess
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageColor, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw, ImageFont, features
 
 from ..errors import NodeInputError
 
@@ -34,6 +44,12 @@ LAYOUTS = ("grid", "four panel", "classic", "strip")
 DIRECTIONS = ("left-to-right", "right-to-left")
 CLASSIC_PATTERN = (1, 2, 3)
 MIN_FONT = 6
+FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
+PROBE_SIZE = 32  # px; only for coverage probes
+NOTDEF_PROBE = chr(0x10FFFF)  # a noncharacter: every font draws its .notdef glyph for it
+FC_MAX_CHARS = 2000  # characters named in one fontconfig query (a hint; coverage is checked after)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,51 +141,299 @@ def validate(spec: LayoutSpec) -> None:
     _color(spec, "background_color")
 
 
-def load_font(font_path: str, size: int):
-    """A scalable font: ``font_path`` (TrueType/OpenType) or, when empty, Pillow's built-in scalable default."""
-    size = max(int(size), 1)
-    if not font_path or not font_path.strip():
-        return ImageFont.load_default(size=size)
-    path = os.path.expanduser(font_path.strip())
-    try:
-        return ImageFont.truetype(path, size=size)
-    except (OSError, ValueError) as exc:
-        raise NodeInputError(NODE_ID, "font_path", "a readable TrueType/OpenType font file, or empty for "
-                             "Pillow's default font", got=f"'{font_path}' ({exc})") from None
+@dataclass(frozen=True)
+class FontFile:
+    """One font face: a file ``path`` (None = Pillow's built-in default font) and its ``index`` in a collection."""
+
+    path: str | None
+    index: int = 0
 
 
-def _wrap(text: str, font, width: int) -> list[str]:
-    lines: list[str] = []
-    for word in text.split():
-        candidate = f"{lines[-1]} {word}" if lines else word
-        if lines and font.getlength(candidate) <= width:
-            lines[-1] = candidate
-            continue
-        # start a new line; break a word that alone is wider than the panel
-        while font.getlength(word) > width and len(word) > 1:
-            cut = len(word) - 1
-            while cut > 1 and font.getlength(word[:cut]) > width:
-                cut -= 1
-            lines.append(word[:cut])
-            word = word[cut:]
-        lines.append(word)
+def font_dirs() -> list[str]:
+    """The standard font folders of Linux, macOS and Windows that exist on this machine."""
+    home = os.path.expanduser("~")
+    dirs = ["/usr/share/fonts", "/usr/local/share/fonts", os.path.join(home, ".fonts"),
+            os.path.join(home, ".local", "share", "fonts"), "/Library/Fonts", "/System/Library/Fonts",
+            os.path.join(home, "Library", "Fonts"), os.path.join(os.environ.get("WINDIR", r"C:\Windows"), "Fonts")]
+    if os.environ.get("LOCALAPPDATA"):
+        dirs.append(os.path.join(os.environ["LOCALAPPDATA"], "Microsoft", "Windows", "Fonts"))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def system_fonts(chars: str, fc_match: str | None, folders: list[str]) -> Iterator[FontFile]:
+    """Installed fonts, the likeliest to have glyphs for ``chars`` first (a hint: callers check coverage).
+
+    With fontconfig (``fc_match``: path of its ``fc-match`` command) its sorted match for a sans-serif font with
+    that charset, as ``fc-match -s 'sans-serif:charset=...'`` prints it; else (or when fc-match fails) every
+    .ttf/.otf/.ttc/.otc file under ``folders``, regular styles first (face 0 of collections).
+    """
+    if fc_match:
+        pattern = "sans-serif:charset=" + " ".join(f"{ord(c):x}" for c in chars[:FC_MAX_CHARS])
+        try:
+            out = subprocess.run([fc_match, "-s", "--format=%{file}\t%{index}\n", pattern], capture_output=True,
+                                 text=True, timeout=60, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        faces = [line.split("\t") for line in out.splitlines() if line.count("\t") == 1]
+        if faces:
+            yield from (FontFile(path, int(index or 0)) for path, index in faces)
+            return
+    files = []
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            files += [os.path.join(root, n) for n in names if n.lower().endswith(FONT_SUFFIXES)]
+    styled = ("bold", "italic", "oblique", "light", "thin", "black", "condensed", "mono")
+    files.sort(key=lambda f: (any(s in os.path.basename(f).lower() for s in styled), f))
+    yield from (FontFile(f) for f in files)
+
+
+def _open(face: FontFile, size: int, layout_engine=None):
+    if face.path is None:
+        font = ImageFont.load_default(size=size)
+        return font if layout_engine is None else font.font_variant(layout_engine=layout_engine)
+    return ImageFont.truetype(face.path, size=size, index=face.index, layout_engine=layout_engine)
+
+
+def _needs_glyph(ch: str) -> bool:
+    # spaces, controls, format characters (ZWJ, bidi marks) and variation selectors draw nothing themselves
+    return (unicodedata.category(ch) not in ("Zs", "Zl", "Zp", "Cc", "Cf")
+            and not 0xFE00 <= ord(ch) <= 0xFE0F and not 0xE0100 <= ord(ch) <= 0xE01EF)
+
+
+def text_direction(text: str) -> str:
+    """``"rtl"`` when the first strong character is right-to-left (Hebrew, Arabic...), else ``"ltr"`` (UAX #9 P2)."""
+    for ch in text:
+        kind = unicodedata.bidirectional(ch)
+        if kind in ("R", "AL"):
+            return "rtl"
+        if kind == "L":
+            return "ltr"
+    return "ltr"
+
+
+def _direction(font, text: str) -> str | None:
+    # only raqm takes a paragraph direction; Pillow's default font always uses the basic (left-to-right) layout
+    return text_direction(text) if font.layout_engine == ImageFont.Layout.RAQM else None
+
+
+class CaptionFonts:
+    """The caption fonts of one ``compose_pages`` call (a fresh object per call: no state outlives it).
+
+    A caption is drawn in ONE font, the first of these that has a glyph for each of its characters: the user's
+    ``font_path``, Pillow's default font, a font already picked in this call, then the installed fonts
+    (``system_fonts``: fontconfig, else the standard font folders). Coverage is asked of FreeType itself: a
+    character the font's cmap lacks is drawn as glyph 0 (.notdef), so it draws exactly what U+10FFFF (a
+    noncharacter, mapped by no font) draws. Pillow alone does this, so the pack needs no font library.
+    Right-to-left and shaped scripts need Pillow's raqm layout (libraqm, with FriBiDi at run time).
+    ``fc_match``/``folders`` default to this machine's (tests pass others).
+    """
+
+    def __init__(self, font_path: str = "", fc_match: str | None = "auto", folders: list[str] | None = None):
+        self.user = None
+        if font_path and font_path.strip():
+            path = os.path.expanduser(font_path.strip())
+            try:
+                ImageFont.truetype(path, size=PROBE_SIZE)
+            except (OSError, ValueError) as exc:
+                raise NodeInputError(NODE_ID, "font_path", "a readable TrueType/OpenType font file, or empty for "
+                                     "an automatic choice", got=f"'{font_path}' ({exc})") from None
+            self.user = FontFile(path)
+        self.fc_match = shutil.which("fc-match") if fc_match == "auto" else fc_match
+        self.folders = font_dirs() if folders is None else folders
+        self.raqm = features.check_feature("raqm")
+        self._fonts: dict[tuple[FontFile, int], ImageFont.FreeTypeFont] = {}
+        self._probes: dict[FontFile, tuple | None] = {}
+        self._covered: dict[tuple[FontFile, str], bool] = {}
+        self._faces: dict[str, FontFile] = {}
+        self._picked: list[FontFile] = []
+
+    def font(self, face: FontFile, size: int):
+        """``face`` at ``size`` px, with Pillow's default layout engine (raqm when available), loaded once."""
+        key = (face, max(int(size), 1))
+        if key not in self._fonts:
+            self._fonts[key] = _open(face, key[1])
+        return self._fonts[key]
+
+    def _lacks(self, face: FontFile, ch: str) -> bool:
+        if (face, ch) not in self._covered:
+            if face not in self._probes:
+                try:
+                    probe = _open(face, PROBE_SIZE, ImageFont.Layout.BASIC)
+                    self._probes[face] = (probe, _glyph(probe, NOTDEF_PROBE))
+                except (OSError, ValueError):  # an unreadable or bitmap-only font file: never picked
+                    self._probes[face] = None
+            if self._probes[face] is None:
+                return True
+            probe, notdef = self._probes[face]
+            self._covered[face, ch] = _glyph(probe, ch, notdef) != notdef
+        return not self._covered[face, ch]
+
+    def _candidates(self, chars: list[str]) -> Iterator[FontFile]:
+        yield from [self.user] if self.user else []
+        yield FontFile(None)
+        yield from list(self._picked)
+        lacking = "".join(c for c in chars if self._lacks(FontFile(None), c))
+        yield from system_fonts(lacking, self.fc_match, self.folders)
+
+    def _find(self, text: str) -> tuple[FontFile | None, list[str]]:
+        """The first candidate with every character of ``text`` (and "..."), or None and the characters that
+        no candidate has, in text order."""
+        chars = [c for c in dict.fromkeys(text + "...") if _needs_glyph(c)]
+        uncovered, seen = set(chars), set()
+        for face in self._candidates(chars):
+            if face in seen:
+                continue
+            seen.add(face)
+            lacks = {c for c in chars if self._lacks(face, c)}
+            uncovered &= lacks
+            if not lacks:
+                if self.user and face != self.user:
+                    log.warning("%s: the font in font_path lacks %r; drawing in %s instead", NODE_ID,
+                                "".join(c for c in chars if self._lacks(self.user, c)),
+                                face.path or "Pillow's default font")
+                if face not in self._picked:
+                    self._picked.append(face)
+                return face, []
+        return None, [c for c in chars if c in uncovered]
+
+    def _check_direction(self, text: str, caption: int) -> None:
+        rtl = [c for c in dict.fromkeys(text) if unicodedata.bidirectional(c) in ("R", "AL")]
+        if rtl and not self.raqm:
+            raise NodeInputError(NODE_ID, "captions", "right-to-left text only where Pillow has its raqm layout "
+                                 "(libraqm, which loads FriBiDi at run time: install libfribidi0 on Debian/Ubuntu, fribidi with "
+                                 "Homebrew on macOS)",
+                                 got=f"caption {caption + 1} with {_listing(rtl)}")
+
+    def face_for(self, text: str, caption: int = 0) -> FontFile:
+        """The font face that draws ``text`` (caption number ``caption``, 0-based, for messages).
+
+        NodeInputError (input ``captions``) when the text has right-to-left characters and Pillow lacks raqm,
+        or when no available font has a glyph for some character (they are listed, escaped with repr).
+        """
+        if text not in self._faces:
+            self._check_direction(text, caption)
+            face, uncovered = self._find(text)
+            if face is None:
+                got = (f"caption {caption + 1} with {_listing(uncovered)}, which no available font has" if uncovered
+                       else f"caption {caption + 1}, whose characters no single available font has all of")
+                raise NodeInputError(NODE_ID, "captions", "characters that the font in font_path or an installed "
+                                     "font can draw (set font_path to a font that has them, or install one)", got=got)
+            self._faces[text] = face
+        return self._faces[text]
+
+    def pick(self, captions: list[str]) -> None:
+        """Choose the faces of all ``captions`` before anything is drawn (errors first). Without ``font_path``:
+        one face for all when a font has every character of every caption (one look per page); else one per
+        caption (so the font in ``font_path`` draws every caption it can)."""
+        for i, text in enumerate(captions):
+            if text:
+                self._check_direction(text, i)
+        face = None if self.user else self._find("".join(captions))[0]
+        for i, text in enumerate(captions):
+            if text and face:
+                self._faces[text] = face
+            elif text:
+                self.face_for(text, i)
+
+
+def _listing(chars: list[str], limit: int = 40) -> str:
+    """``'字…' (U+5B57 ...)``: the characters, escaped with repr, and their code points."""
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return f"{''.join(chars[:limit])!r} ({' '.join(f'U+{ord(c):04X}' for c in chars[:limit])}{more})"
+
+
+def _glyph(font, ch: str, notdef: tuple | None = None) -> tuple:
+    """What ``font`` (basic layout) draws for ``ch``: bbox and advance, plus its pixels when those equal
+    ``notdef``'s (pixels are only needed to tell a real glyph from .notdef when their boxes agree)."""
+    box, advance = font.getbbox(ch), font.getlength(ch)
+    if notdef is not None and (box, advance) != notdef[:2]:
+        return box, advance, None
+    img = Image.new("L", (max(box[2] - box[0], 1), max(box[3] - box[1], 1)))
+    ImageDraw.Draw(img).text((-box[0], -box[1]), ch, font=font, fill=255)
+    return box, advance, img.tobytes()
+
+
+def _breakable(text: str, i: int) -> bool:
+    """May a line end between ``text[i - 1]`` and ``text[i]``? A small part of UAX #14: at spaces, and between
+    characters where either is wide (CJK), never before a mark, a closing/other punctuation or a format
+    character, nor after an opening punctuation or a zero-width joiner."""
+    before, after = text[i - 1], text[i]
+    if after == " " or before in " \u200b":
+        return True
+    if (unicodedata.category(after) in ("Mn", "Mc", "Me", "Pe", "Pf", "Po", "Cf") or before == "\u200d"
+            or unicodedata.category(before) in ("Ps", "Pi")):
+        return False
+    return unicodedata.east_asian_width(before) in ("W", "F") or unicodedata.east_asian_width(after) in ("W", "F")
+
+
+def _cluster_start(text: str, i: int, lo: int) -> int:
+    """The nearest position <= i (and > lo) that does not split a character from its marks or a joiner."""
+    while lo + 1 < i < len(text) and (unicodedata.category(text[i])[0] == "M" or "\u200d" in text[i - 1:i + 1]):
+        i -= 1
+    return i
+
+
+def _longest(fits, lo: int, hi: int) -> int:
+    """Largest n in [lo, hi] with ``fits(n)`` (True up to some n, then False); ``lo`` when none fits.
+
+    Galloping, then bisection: O(log n) calls, so wrapping costs O(length x log(line length)) measurements'
+    worth of characters instead of re-measuring every shorter prefix.
+    """
+    ok, bad, step = lo, hi + 1, 1
+    while ok + step < bad:
+        if not fits(ok + step):
+            bad = ok + step
+            break
+        ok, step = ok + step, step * 2
+    while bad - ok > 1:
+        mid = (ok + bad) // 2
+        ok, bad = (mid, bad) if fits(mid) else (ok, mid)
+    return ok
+
+
+def _wrap(text: str, measure, width: int) -> list[str]:
+    """Greedy line breaking of ``text`` (single spaces) into lines of at most ``width`` px by ``measure``
+    (str -> px). Lines end at break opportunities (``_breakable``); a word wider than the line is cut between
+    characters. Each line's end is found by ``_longest``, so the whole wrap is about linear in the length."""
+    lines, start, n = [], 0, len(text)
+    while start < n:
+        end = _longest(lambda e: measure(text[start:e]) <= width, start + 1, n)
+        if end < n:
+            brk = next((i for i in range(end, start, -1) if _breakable(text, i)), None)
+            end = brk if brk is not None else _cluster_start(text, end, start)
+        lines.append(text[start:end].rstrip(" "))
+        start = end
+        while start < n and text[start] == " ":
+            start += 1
     return lines
 
 
-def layout_caption(text: str, box_w: int, box_h: int, spec: LayoutSpec):
+def layout_caption(text: str, box_w: int, box_h: int, spec: LayoutSpec, fonts: CaptionFonts | None = None):
     """Fit ``text`` into a panel of ``box_w`` x ``box_h`` px.
 
-    Returns ``(font, lines, line_height, pad)``; the caption block (lines plus padding) is at most half the
-    panel tall and every line at most ``box_w - 2 * pad`` wide. Empty ``lines`` when nothing fits.
+    ``fonts``: the call's CaptionFonts (a new one from ``spec.font_path`` when None). Returns
+    ``(font, lines, line_height, pad)``; the caption block (lines plus padding) is at most half the panel tall
+    and every line at most ``box_w - 2 * pad`` wide (measured in the caption's direction). Empty ``lines`` when
+    nothing fits. NodeInputError as ``CaptionFonts.face_for``.
     """
-    size = spec.caption_font_size
+    fonts = fonts or CaptionFonts(spec.font_path)
+    text = " ".join(text.split())
+    face = fonts.face_for(text)
+    size, limit = spec.caption_font_size, box_h // 2
     while True:
-        font = load_font(spec.font_path, size)
+        font = fonts.font(face, size)
+        direction = _direction(font, text)
+        measure = lambda s: font.getlength(s, direction=direction)  # noqa: E731 (rebound per size)
         pad = max(2, size // 4)
+        width = max(box_w - 2 * pad, 1)
         ascent, descent = font.getmetrics()
         line_h = ascent + descent + max(1, size // 8)
-        lines = _wrap(text, font, max(box_w - 2 * pad, 1))
-        limit = box_h // 2
+        # no line holds more than `width` px of words: where even that many lines are too tall, skip the wrap
+        at_least = math.ceil(sum(map(measure, text.split(" "))) / width)
+        if size > MIN_FONT and at_least * line_h + 2 * pad > limit:
+            size = max(MIN_FONT, int(size * 0.85))
+            continue
+        lines = _wrap(text, measure, width)
         if len(lines) * line_h + 2 * pad <= limit or size <= MIN_FONT:
             break
         size = max(MIN_FONT, int(size * 0.85))
@@ -177,26 +441,29 @@ def layout_caption(text: str, box_w: int, box_h: int, spec: LayoutSpec):
     if len(lines) > max_lines:
         lines = lines[:max_lines]
         if lines:
-            last = lines[-1] + "..."
-            while font.getlength(last) > box_w - 2 * pad and len(last) > 3:
-                last = last[:-4] + "..."
-            lines[-1] = last
-    if any(font.getlength(l) > box_w - 2 * pad for l in lines):
+            last = lines[-1]
+            keep = _longest(lambda k: measure(last[:k].rstrip(" ") + "...") <= width, 0, len(last))
+            lines[-1] = last[:_cluster_start(last, keep, -1)].rstrip(" ") + "..."
+    if any(measure(l) > width for l in lines):
         lines = []
     return font, lines, line_h, pad
 
 
-def _draw_caption(page: Image.Image, box: tuple[int, int, int, int], text: str, spec: LayoutSpec) -> None:
+def _draw_caption(page: Image.Image, box: tuple[int, int, int, int], text: str, spec: LayoutSpec,
+                  fonts: CaptionFonts) -> None:
     x0, y0, x1, y1 = box
-    font, lines, line_h, pad = layout_caption(text, x1 - x0, y1 - y0, spec)
+    font, lines, line_h, pad = layout_caption(text, x1 - x0, y1 - y0, spec, fonts)
     if not lines:
         return
+    direction = _direction(font, text)
+    # right-to-left captions are right-aligned, as such text is set
+    x, anchor = (x1 - x0 - pad, "ra") if direction == "rtl" else (pad, "la")
     top = y1 - (len(lines) * line_h + 2 * pad)
     overlay = Image.new("RGBA", (x1 - x0, y1 - top), (255, 255, 255, 0))
     draw = ImageDraw.Draw(overlay)
     draw.rectangle((0, 0, overlay.width, overlay.height), fill=(255, 255, 255, 190))
     for i, line in enumerate(lines):
-        draw.text((pad, pad + i * line_h), line, font=font, fill=(0, 0, 0, 255))
+        draw.text((x, pad + i * line_h), line, font=font, fill=(0, 0, 0, 255), anchor=anchor, direction=direction)
     region = page.crop((x0, top, x1, y1)).convert("RGBA")
     page.paste(Image.alpha_composite(region, overlay).convert("RGB"), (x0, top))
 
@@ -228,7 +495,8 @@ def compose_pages(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | 
     images: IMAGE ``(B, H, W, C)`` float in 0..1 (C = 1, 3 or 4; alpha dropped, gray repeated), B >= 1.
     captions: per panel (``""`` or missing = none); at most B entries.
     Returns IMAGE ``(pages, page_height, page_width, 3)`` float32 0..1 on the CPU,
-    pages = ceil(B / cells per page). NodeInputError for bad settings, fonts, colors or caption count.
+    pages = ceil(B / cells per page). NodeInputError for bad settings, fonts, colors, caption count, or
+    captions that no available font can draw (``CaptionFonts.face_for``).
     """
     validate(spec)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] < 1 or images.shape[-1] not in (1, 3, 4):
@@ -238,8 +506,11 @@ def compose_pages(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | 
     if len(captions) > images.shape[0]:
         raise NodeInputError(NODE_ID, "captions", f"at most one line per panel ({images.shape[0]} panels)",
                              got=f"{len(captions)} lines")
-    if any(c.strip() for c in captions):
-        load_font(spec.font_path, spec.caption_font_size)  # fail early on a bad font path
+    captions = [" ".join(c.split()) for c in captions]
+    fonts = None
+    if any(captions):
+        fonts = CaptionFonts(spec.font_path)
+        fonts.pick(captions)  # fail early: bad font path, characters no font has
     arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
@@ -258,8 +529,8 @@ def compose_pages(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | 
                 draw.rectangle((cell[0], cell[1], cell[2] - 1, cell[3] - 1), fill=bc)
             box = panel_box(cell, spec.border_width)
             page.paste(_fit(arr[i], box[2] - box[0], box[3] - box[1]), box[:2])
-            if i < len(captions) and captions[i].strip():
-                _draw_caption(page, box, captions[i].strip(), spec)
+            if i < len(captions) and captions[i]:
+                _draw_caption(page, box, captions[i], spec, fonts)
         pages.append(torch.from_numpy(np.asarray(page, dtype=np.float32) / 255.0))
     return torch.stack(pages)
 

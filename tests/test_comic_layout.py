@@ -3,7 +3,12 @@
 Expected cell positions are computed here from the documented geometry (gutter around every cell, equal integer
 splits), independently of story/layout.py.
 """
+import glob
 import math
+import os
+import shutil
+import subprocess
+import time
 
 import pytest
 import torch
@@ -195,7 +200,7 @@ def test_bad_font_path(L, errors, tmp_path):
     bad = tmp_path / "bad.ttf"
     bad.write_bytes(b"not a font")
     with pytest.raises(errors.NodeInputError, match="font_path"):
-        L.load_font(str(bad), 12)
+        L.compose_pages(solid_panels(1), spec(L, font_path=str(bad)), ["hello"])
 
 
 def test_bad_settings(L, errors):
@@ -243,3 +248,206 @@ def test_node_through_executor(host, caplog):
     bad = dict(prompt)
     bad["2"] = {"class_type": "SDN_ComicLayout", "inputs": dict(prompt["2"]["inputs"], font_path="/nonexistent/x.ttf")}
     run_expect_error(host, bad, caplog, r"SDN_ComicLayout: input 'font_path': expected a readable")
+
+
+# ---- captions in any script -------------------------------------------------------------------------------
+# Fonts and libraries below are installed by scripts/setup_test_env.sh (as root on Debian): fonts-wqy-microhei
+# (CJK), fonts-dejavu-core (Latin, Hebrew, Arabic), libfribidi0 (Pillow's raqm layout). Without them these tests
+# skip, or fail when CI is set.
+
+NO_FONT_HAS = "\U00010600\U0001D2E0"  # Linear A, Mayan numeral: in none of the fonts the tests install
+FONT_DIRS = ["/usr/share/fonts", "/usr/local/share/fonts", os.path.expanduser("~/.fonts"),
+             os.path.expanduser("~/.local/share/fonts")]
+
+
+def require(ok, what):
+    if not ok:
+        message = f"{what} is missing: run scripts/setup_test_env.sh as root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def installed_font(name):
+    found = [p for d in FONT_DIRS for p in glob.glob(os.path.join(d, "**", name), recursive=True)]
+    require(found, f"the font file {name}")
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def cjk_font():
+    return installed_font("wqy-microhei.ttc")
+
+
+@pytest.fixture(scope="module")
+def dejavu():
+    return installed_font("DejaVuSans.ttf")
+
+
+@pytest.fixture(scope="module")
+def raqm():
+    from PIL import features
+    require(features.check_feature("raqm"), "Pillow's raqm layout (libfribidi0)")
+
+
+CJK_600 = "".join(chr(0x4E00 + (i * 131) % 20000) for i in range(600))
+
+
+def test_600_char_cjk_caption_wraps_in_linear_time(L, cjk_font):
+    # No spaces: every line is broken between characters. Re-measuring every shorter prefix took ~14 s here.
+    s = spec(L, caption_font_size=48)
+    start = time.perf_counter()
+    font, lines, line_h, pad = L.layout_caption(CJK_600, 484, 450, s)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"{elapsed:.2f} s for a 600-character caption (about 0.15 s expected)"
+    width = 484 - 2 * pad
+    assert len(lines) > 3 and all(font.getlength(l) <= width for l in lines)
+    joined = "".join(lines)
+    assert joined == CJK_600 or (lines[-1].endswith("...") and CJK_600.startswith(joined[:-3]))
+    # lines are full: a line ends only where the next character no longer fits
+    for line, nxt in zip(lines, lines[1:-1]):
+        assert font.getlength(line + nxt[0]) > width
+
+
+def test_cjk_punctuation_never_starts_a_line(L, cjk_font):
+    # exactly 7 characters fit a line and every 8th is a full stop: greedy breaking would start lines with it
+    text = "今天我们去公园。" * 6
+    font, lines, _, pad = L.layout_caption(text, 150, 2000, spec(L, caption_font_size=20, font_path=cjk_font))
+    assert font.getlength(text[:7]) <= 150 - 2 * pad < font.getlength(text[:8])
+    assert len(lines) > 3 and "".join(lines) == text
+    assert not any(l.startswith("。") for l in lines), lines
+
+
+def caption_inks(L, s, captions):
+    """Per panel, the dark (text) pixels of the bottom half of the panel box; white panels."""
+    pages = L.compose_pages(torch.ones(len(captions), 64, 64, 3), s, captions)
+    out = []
+    for cell in L.cell_boxes(s)[:len(captions)]:
+        x0, y0, x1, y1 = L.panel_box(cell, s.border_width)
+        out.append(pages[0, (y0 + y1) // 2:y1, x0:x1].mean(-1) < 0.5)
+    return out
+
+
+def strip(L, n, **kw):
+    # n equal cells of 180 px
+    return spec(L, layout="strip", columns=n, page_width=n * 180 + (n + 1) * 10, page_height=220, border_width=0,
+                caption_font_size=40, **kw)
+
+
+def test_cjk_caption_drawn_in_a_covering_system_font(L, cjk_font):
+    chars = "中文字"
+    inks = caption_inks(L, strip(L, 3), list(chars))
+    assert all(ink.sum() > 50 for ink in inks)
+    # three different glyphs, not three copies of the same box
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert (inks[a] ^ inks[b]).sum() > 0.2 * inks[a].sum(), (chars[a], chars[b])
+    font = L.layout_caption(chars, 180, 180, strip(L, 3))[0]
+    assert isinstance(font.path, str) and os.path.exists(font.path)
+    if shutil.which("fc-list"):  # fontconfig agrees that the chosen file has these characters
+        listed = subprocess.run(["fc-list", ":charset=4e2d 6587 5b57", "file"], capture_output=True, text=True).stdout
+        assert os.path.realpath(font.path) in {os.path.realpath(l.rstrip(":")) for l in listed.split()}
+
+
+def test_one_font_for_all_captions_when_one_has_them_all(L, cjk_font):
+    fonts = L.CaptionFonts()
+    fonts.pick(["Hello", "", "你好"])
+    assert fonts.face_for("Hello") == fonts.face_for("你好") and fonts.face_for("Hello").path is not None
+
+
+def skip_if_a_font_has(chars):
+    for c in chars:
+        if shutil.which("fc-list") and subprocess.run(["fc-list", f":charset={ord(c):x}"], capture_output=True,
+                                                      text=True).stdout.strip():
+            pytest.skip(f"an installed font has {c!r}")
+
+
+def test_node_reports_characters_no_font_has(host, caplog):
+    skip_if_a_font_has(NO_FONT_HAS)
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 2, "color": 0xFF0000}},
+        "2": {"class_type": "SDN_ComicLayout", "inputs": {
+            "images": ["1", 0], "layout": "strip", "reading_direction": "left-to-right",
+            "page_width": 256, "page_height": 200, "rows": 1, "columns": 2, "gutter": 8, "border_width": 2,
+            "border_color": "#000000", "background_color": "#FFFFFF", "caption_font_size": 12,
+            "font_path": "", "captions": f"one\n{NO_FONT_HAS}"}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+    }
+    run_expect_error(host, prompt, caplog, r"SDN_ComicLayout: input 'captions': .*caption 2 with .*U\+10600 U\+1D2E0")
+
+
+def test_caption_no_font_can_draw_is_an_error(L, errors, cjk_font):
+    skip_if_a_font_has(NO_FONT_HAS)
+    with pytest.raises(errors.NodeInputError) as info:
+        L.compose_pages(solid_panels(2), spec(L), ["fine", f"Hi {NO_FONT_HAS} 中"])
+    message = str(info.value)
+    assert "SDN_ComicLayout: input 'captions'" in message and "caption 2" in message
+    assert repr(NO_FONT_HAS) in message and "U+10600 U+1D2E0" in message
+
+
+def test_font_lookup_without_fontconfig(L, errors, tmp_path, cjk_font, dejavu):
+    # fontconfig absent: the standard font folders are scanned
+    (tmp_path / "latin").mkdir()
+    (tmp_path / "latin" / "DejaVuSans.ttf").symlink_to(dejavu)
+    (tmp_path / "cjk").mkdir()
+    (tmp_path / "cjk" / "wqy-microhei.ttc").symlink_to(cjk_font)
+    face = L.CaptionFonts(fc_match=None, folders=[str(tmp_path)]).face_for("中文 and ASCII")
+    assert face.path == str(tmp_path / "cjk" / "wqy-microhei.ttc")
+    with pytest.raises(errors.NodeInputError, match=r"caption 1 with '中文' \(U\+4E2D U\+6587\)"):
+        L.CaptionFonts(fc_match=None, folders=[str(tmp_path / "latin")]).face_for("中文 and ASCII")
+    # nothing installed at all: only Pillow's default font, which has no CJK
+    with pytest.raises(errors.NodeInputError, match="captions"):
+        L.CaptionFonts(fc_match=None, folders=[]).face_for("中文")
+
+
+def test_font_path_is_honoured(L, dejavu, cjk_font, caplog):
+    s = spec(L, font_path=dejavu)
+    assert L.layout_caption("Plain text", 180, 180, s)[0].path == dejavu
+    plain = caption_inks(L, strip(L, 1), ["Plain text"])[0]
+    assert not torch.equal(plain, caption_inks(L, strip(L, 1, font_path=dejavu), ["Plain text"])[0])
+    # a caption the font in font_path cannot draw falls back to one that can, and says so
+    caplog.clear()
+    font = L.layout_caption("中文", 180, 180, s)[0]
+    assert os.path.realpath(font.path) == os.path.realpath(cjk_font)
+    assert "font_path lacks '中文'" in caplog.text
+    # ... for those captions only
+    fonts = L.CaptionFonts(dejavu)
+    fonts.pick(["Plain text", "中文"])
+    assert fonts.face_for("Plain text").path == dejavu and fonts.face_for("中文").path != dejavu
+
+
+@pytest.mark.parametrize("word", ["אב", "دو"], ids=["hebrew", "arabic"])
+def test_rtl_caption_reads_right_to_left(L, raqm, dejavu, word):
+    # the word and each of its letters alone, in panels of equal size; right-to-left captions are right-aligned,
+    # so the word's FIRST letter must sit where the first letter alone sits (the right end)
+    word_ink, first, second = caption_inks(L, strip(L, 3), [word, word[0], word[1]])
+
+    def overlap(letter):
+        return (word_ink & letter).sum().item() / letter.sum().item()
+
+    assert overlap(first) > 0.9 and overlap(second) < 0.6, (overlap(first), overlap(second))
+    cols = torch.nonzero(word_ink.any(0)).flatten()
+    assert cols.max() > word_ink.shape[1] * 0.8, "right-to-left caption should be right-aligned"
+
+
+def test_arabic_is_shaped(L, raqm, dejavu):
+    # three joined behs: initial, medial and final forms make one unbroken stroke, narrower than two isolated
+    # behs; unshaped isolated forms side by side leave gaps and take three times the width
+    word, letter = caption_inks(L, strip(L, 2), ["ببب", "ب"])
+
+    def ink_columns(ink):
+        cols = ink.any(0)
+        idx = torch.nonzero(cols).flatten()
+        return cols[idx.min():idx.max() + 1]
+
+    assert ink_columns(word).all(), "gaps between the letters: not joined"
+    assert len(ink_columns(word)) < 2 * len(ink_columns(letter))
+
+
+def test_rtl_without_raqm_is_an_error(L, errors, monkeypatch):
+    from PIL import features
+    real = features.check_feature
+    monkeypatch.setattr(features, "check_feature", lambda name: False if name == "raqm" else real(name))
+    with pytest.raises(errors.NodeInputError, match=r"input 'captions': expected right-to-left text only where "
+                                                    r"Pillow has its raqm layout.*caption 1 with 'שלום'"):
+        L.compose_pages(solid_panels(1), spec(L), ["שלום"])
