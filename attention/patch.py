@@ -7,12 +7,14 @@ finds everything it needs in ``extra_options`` (ComfyUI's transformer_options):
 - rows: ``original_shape[0]`` rows = ``len(cond_or_uncond)`` chunks x B images, ``row = chunk * B + image``.
   One call may hold both CFG halves, one half (memory split), one chunk (cfg = 1) or several positive chunks:
   each chunk's B images form the group, and all chunks share one sampling plan. Rows that do not match
-  ``original_shape`` (temporal layouts such as SVD's) are left to plain attention.
+  ``original_shape`` (an unknown layout) are left to plain attention; video UNets (SVD) are refused up front.
 - step: the position of the current sigma in ``sample_sigmas`` (nearest entry), never a call counter, so
   multi-evaluation samplers, split calls and re-runs see the same step.
-- resolution: the layer's downsampling factor, from the latent size and the token count.
-- context windows: core ``context_window.index_list`` or AnimateDiff-Evolved ``ad_params['sub_idxs']`` give
-  the absolute image indices of the rows, so reference images are recognised inside a window.
+- resolution: the layer's downsampling factor, from the block's place in the UNet (:func:`attention_blocks`),
+  so odd latent sizes cannot put a layer in the wrong bucket.
+- context windows: :func:`.frames.window_frames` gives the absolute image indices of the rows (core context
+  windows with or without their causal anchor frame, AnimateDiff-Evolved ``ad_params``), so reference images
+  are recognised inside a window.
 
 Three roles share one layer class: plain CSA; recording a character bank (write phase, see bank.py); reading
 banks (read phase). No state outside the patch objects; they keep memos of sampling plans and of the current
@@ -31,6 +33,7 @@ import torch
 from ..errors import UnsupportedModelError
 from .bank import BankMismatchError, BankRecorder, CharacterBank, layer_name, schedule_key
 from .csa import attend_with_extra, consistent_self_attention, make_plan, tokens_per_source
+from .frames import window_frames
 
 BLOCK_CHOICES = {
     "decoder": ("output",),
@@ -40,6 +43,7 @@ BLOCK_CHOICES = {
 }
 SCHEDULE_CHOICES = ("always", "storydiffusion")
 _BLOCK_IDS = {"input": 1, "middle": 2, "output": 3}
+NODE = "SDN_ConsistentSelfAttention"
 
 
 @dataclass(frozen=True)
@@ -76,32 +80,56 @@ class CSASettings:
                 else "inf", "sigma_end": self.sigma_end, "schedule": self.schedule, "tile_size": self.tile_size}
 
 
-def attention_blocks(model_patcher) -> list[tuple[str, int, int]]:
-    """List ``(block_name, number, depth_index)`` of every self-attention transformer block of a UNet.
+def attention_blocks(model_patcher, node: str = NODE) -> dict[tuple[str, int, int], int]:
+    """Map ``(block_name, number, depth_index)`` of every self-attention transformer block of an image UNet to
+    its image-level downsampling factor (8 = the latent's own resolution, then 16, 32, 64).
 
-    Raises UnsupportedModelError for models without ComfyUI UNet transformer blocks (DiTs such as Flux, SD3).
+    The factor follows the UNet's structure, not token counts (odd latent sizes round differently at every
+    level): walking input blocks, middle block and output blocks in order, each Downsample halves the
+    resolution and each Upsample doubles it (SD1.x/SD2.x: input 1,2 / 4,5 / 7,8 at 8 / 16 / 32, middle 64,
+    output 3-5 / 6-8 / 9-11 at 32 / 16 / 8; SDXL: input 4,5 / 7,8 at 16 / 32, middle 32, output 0-2 / 3-5 at
+    32 / 16). Raises UnsupportedModelError naming ``node`` for models without ComfyUI UNet transformer blocks
+    (DiTs such as Flux, SD3) and for video UNets with temporal layers (Stable Video Diffusion).
     """
     from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
     unet = model_patcher.get_model_object("diffusion_model")
-    found = []
+    expected = f"{node}: input 'model': expected an image UNet with self-attention blocks (SD1.x, SD2.x, SDXL " \
+               f"and their derivatives), got {type(unet).__name__}"
+    if is_video_unet(unet):
+        raise UnsupportedModelError(f"{expected} with temporal layers (a video model such as Stable Video "
+                                    f"Diffusion, whose frames must not be mixed by image self-attention)")
+    found, level = {}, 0
     for name, attr in (("input", "input_blocks"), ("middle", "middle_block"), ("output", "output_blocks")):
         blocks = getattr(unet, attr, None)
         if blocks is None:
             continue
-        seq = [blocks] if name == "middle" else list(blocks)
-        for number, block in enumerate(seq):
-            for module in block:
-                if isinstance(module, SpatialTransformer):
+        for number, block in enumerate([blocks] if name == "middle" else blocks):
+            for module in block:  # a Downsample/Upsample inside a ResBlock (resblock_updown) counts too
+                if any(isinstance(m, Downsample) for m in module.modules()):
+                    level += 1
+                elif any(isinstance(m, Upsample) for m in module.modules()):
+                    level -= 1
+                elif isinstance(module, SpatialTransformer):
+                    if level < 0:
+                        raise UnsupportedModelError(f"{expected}, whose block {name} {number} is upsampled more "
+                                                    f"often than it was downsampled")
                     for depth, tb in enumerate(module.transformer_blocks):
                         if isinstance(tb, BasicTransformerBlock):
-                            found.append((name, number, depth))
+                            found[(name, number, depth)] = 8 << level
     if not found:
-        raise UnsupportedModelError(
-            f"SDN_ConsistentSelfAttention: input 'model': expected a UNet model with self-attention blocks "
-            f"(SD1.x, SD2.x, SDXL and their derivatives), got {type(unet).__name__}, which has none "
-            f"(DiT models such as Flux or SD3 are not supported).")
+        raise UnsupportedModelError(f"{expected}, which has none (DiT models such as Flux or SD3 are not supported).")
     return found
+
+
+def is_video_unet(unet) -> bool:
+    """True for a UNet with temporal layers (Stable Video Diffusion's spatial + temporal transformers and
+    temporal res blocks). AnimateDiff's motion modules are other modules and do not count."""
+    from comfy.ldm.modules.attention import SpatialVideoTransformer
+
+    return bool(getattr(unet, "use_temporal_resblocks", False)) or any(
+        isinstance(m, SpatialVideoTransformer) for m in unet.modules())
 
 
 @dataclass
@@ -139,18 +167,6 @@ def _mix(*parts: int) -> int:
         h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
-
-
-def window_indices(extra_options, batch: int) -> list[int] | None:
-    """Absolute image indices of the B rows of a chunk when a context window sliced the batch, else None."""
-    ad = extra_options.get("ad_params")
-    if isinstance(ad, dict) and ad.get("sub_idxs") is not None and len(ad["sub_idxs"]) == batch:
-        return [int(i) for i in ad["sub_idxs"]]
-    cw = extra_options.get("context_window")
-    idx = getattr(cw, "index_list", None)
-    if idx is not None and len(idx) == batch:
-        return [int(i) for i in idx]
-    return None
 
 
 @dataclass(frozen=True)
@@ -208,13 +224,14 @@ class _CSALayer:
     """The attn1 replace of one layer: ``f(q, k, v, extra_options) -> out`` (ComfyUI's replace signature).
 
     ``previous``: an attn1 replace already on the model for this key; it is called with the extended keys so
-    patches compose. Layers sharing one ``memo`` share sampling plans. ``recorder``: write phase.
+    patches compose. Layers sharing one ``memo`` share sampling plans. ``factor``: the layer's image-level
+    downsampling factor (from :func:`attention_blocks`), which selects its rate. ``recorder``: write phase.
     ``reader``: read phase.
     """
 
-    def __init__(self, settings: CSASettings, previous, memo: _Memo, recorder: BankRecorder | None = None,
-                 reader: BankReader | None = None, enabled: bool = True):
-        self.settings, self.previous, self.memo = settings, previous, memo
+    def __init__(self, settings: CSASettings, previous, memo: _Memo, factor: int,
+                 recorder: BankRecorder | None = None, reader: BankReader | None = None, enabled: bool = True):
+        self.settings, self.previous, self.memo, self.factor = settings, previous, memo, factor
         self.recorder, self.reader, self.enabled = recorder, reader, enabled
 
     # ModelPatcher.clone() deep-copies model_options: share, don't copy (the memos are pure caches).
@@ -222,8 +239,8 @@ class _CSALayer:
         return self
 
     def derive(self, **changes) -> "_CSALayer":
-        fields = dict(settings=self.settings, previous=self.previous, memo=self.memo, recorder=self.recorder,
-                      reader=self.reader, enabled=self.enabled)
+        fields = dict(settings=self.settings, previous=self.previous, memo=self.memo, factor=self.factor,
+                      recorder=self.recorder, reader=self.reader, enabled=self.enabled)
         fields.update(changes)
         return _CSALayer(**fields)
 
@@ -235,8 +252,8 @@ class _CSALayer:
         return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
                                                    transformer_options=extra_options)
 
-    def describe(self, extra_options, rows: int, tokens: int) -> _Call | None:
-        """Classify this call; None when the rows are not a (chunks x images) layout (e.g. SVD temporal)."""
+    def describe(self, extra_options, rows: int) -> _Call | None:
+        """Classify this call; None when the rows are not a (chunks x images) layout (e.g. temporal attention)."""
         s = self.settings
         shape = extra_options.get("original_shape")
         chunks = tuple(extra_options.get("cond_or_uncond") or [0])
@@ -245,8 +262,7 @@ class _CSALayer:
         batch = rows // len(chunks)
         step, sigma = step_index(extra_options)
         h, w = shape[-2], shape[-1]
-        factor = 8 * max(1, round(math.sqrt(h * w / tokens)))
-        rate = s.rate_for(factor)
+        rate = s.rate_for(self.factor)
         block = extra_options.get("block") or ("", 0)
         block_index = int(extra_options.get("block_index", 0))
         active = self.enabled and rate > 0.0 and s.sigma_end <= sigma <= s.sigma_start
@@ -258,7 +274,7 @@ class _CSALayer:
                 active = rng.random() >= (0.3 if step < 20 else 0.1)
         step_key = step if step is not None else int(sigma * 1e6)  # no schedule: key by sigma
         return _Call(batch, chunks, step, step_key, rate, active, layer_name(block, block_index), (h, w),
-                     window_indices(extra_options, batch))
+                     window_frames(extra_options, batch, NODE))
 
     def plan(self, call: _Call, tokens: int, device, refs: int | None = None):
         """(plan, row_order) shared by all layers of this resolution and step; None when CSA is off here."""
@@ -282,7 +298,7 @@ class _CSALayer:
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        call = self.describe(extra_options, q.shape[0], q.shape[1])
+        call = self.describe(extra_options, q.shape[0])
         if call is None:
             return self._attention(q, k, v, heads, extra_options)
         if self.reader is not None:
@@ -413,13 +429,13 @@ def apply_csa(model_patcher, settings: CSASettings):
     m = model_patcher.clone()
     memo = _Memo()
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    for name, number, depth in blocks:
+    for (name, number, depth), factor in blocks.items():
         if name not in settings.blocks:
             continue
         previous = existing.get((name, number, depth), existing.get((name, number)))
         if isinstance(previous, _CSALayer):  # CSA applied twice: the new settings replace the old ones
             previous = previous.previous
-        m.set_model_attn1_replace(_CSALayer(settings, previous, memo), name, number, depth)
+        m.set_model_attn1_replace(_CSALayer(settings, previous, memo, factor), name, number, depth)
     return m
 
 
@@ -432,13 +448,14 @@ def apply_recording(model_patcher, recorder: BankRecorder):
     return m
 
 
-def apply_reading(model_patcher, reader: BankReader):
+def apply_reading(model_patcher, reader: BankReader, node: str = "SDN_ReadCharacterBanks"):
     """Clone a model so the layers recorded in the banks read them (read phase).
 
     CSA layers already on the model keep their settings (used when ``reader.share``); other recorded layers
-    get a reader with default settings and CSA off.
+    get a reader with default settings and CSA off. Raises UnsupportedModelError (see :func:`attention_blocks`)
+    and BankMismatchError when a bank holds a layer the model does not have.
     """
-    attention_blocks(model_patcher)
+    blocks = attention_blocks(model_patcher, node)
     layers = _csa_layers(model_patcher)
     m = model_patcher.clone()
     memo = _Memo()
@@ -450,12 +467,15 @@ def apply_reading(model_patcher, reader: BankReader):
         layer = layers.get(key)
         if layer is not None:
             new = layer.derive(reader=reader, recorder=None)
-        else:
+        elif key in blocks:
             previous = existing.get(key, existing.get(key[:2]))
-            new = _CSALayer(CSASettings(), previous, memo, reader=reader, enabled=False)
+            new = _CSALayer(CSASettings(), previous, memo, blocks[key], reader=reader, enabled=False)
+        else:
+            raise BankMismatchError(f"{node}: a character bank holds layer {name_key}, which this model does not "
+                                    f"have: it was recorded with another architecture")
         m.set_model_attn1_replace(new, *key)
     return m
 
 
 __all__ = ["CSASettings", "BankReader", "BankRecorder", "apply_csa", "apply_recording", "apply_reading",
-           "attention_blocks", "csa_settings_of", "BLOCK_CHOICES", "SCHEDULE_CHOICES"]
+           "attention_blocks", "csa_settings_of", "is_video_unet", "BLOCK_CHOICES", "SCHEDULE_CHOICES"]

@@ -20,10 +20,12 @@ def init_weights_(module: torch.nn.Module, seed: int = 0, scale: float = 0.02) -
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True, context_dim: int = 64):
+def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True, context_dim: int = 64, scale: float = 0.02):
     """Return a ``comfy.model_patcher.ModelPatcher`` around a real-layout UNet with random weights.
 
     ``context_dim``: width of the text tokens cross-attention reads (768 for a real SD1.5 CLIP, 2048 SDXL).
+    ``scale``: standard deviation of the weights; at 0.02 attention barely moves the output (near-uniform
+    weights, small projections), 0.05 makes every attention layer visible in the sampled latents.
     """
     import comfy.model_patcher
     import comfy.supported_models as sm
@@ -53,5 +55,26 @@ def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True, context_dim
     else:
         raise ValueError(kind)
     model = cfg.get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed, scale=scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def small_svd(seed: int = 0):
+    """A ModelPatcher around Stable Video Diffusion's real layout (``SVD_img2vid``: spatial transformers with
+    temporal attention and temporal res blocks), small widths, random weights."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 768, "in_channels": 8, "model_channels": 32,
+        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 64, "num_heads": -1,
+        "num_head_channels": 16, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "extra_ff_mix_layer": True, "use_spatial_context": True, "merge_strategy": "learned_with_images",
+        "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "use_temporal_resblock": True,
+        "use_temporal_attention": True, "disable_temporal_crossattention": False, "dtype": torch.float32,
+    }
+    model = sm.SVD_img2vid(unet_config).get_model({}, device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed=seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

@@ -67,6 +67,7 @@ def record_chunks(model, log, log_rows=None):
 
 
 def sample(model, b, cfg=5.0, steps=2, seed=0, kind="sd15", size=16, positive=None, sampler="euler"):
+    """Sample a ``b``-image batch with the stock sampler; ``size``: latent side, or (height, width)."""
     import comfy.sample
 
     ctx = 64
@@ -75,7 +76,8 @@ def sample(model, b, cfg=5.0, steps=2, seed=0, kind="sd15", size=16, positive=No
     if positive is None:
         positive = [[torch.randn(b, 77, ctx, generator=gen), extra(b)]]
     negative = [[torch.randn(1, 77, ctx, generator=gen), extra(1)]]
-    latent = torch.zeros(b, 4, size, size)
+    h, w = (size, size) if isinstance(size, int) else size
+    latent = torch.zeros(b, 4, h, w)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", positive, negative, latent,
                                seed=seed, disable_pbar=True)
@@ -87,3 +89,15 @@ def close(a, b):
 
 def mha_batch(q, k, v, heads):
     return torch.stack([mha(q[r], k[r], v[r], heads) for r in range(q.shape[0])])
+
+
+def core_context_window(index_list, total_frames):
+    """ComfyUI's own ``IndexListContextWindow`` over the absolute frames ``index_list`` of ``total_frames``.
+
+    Current ComfyUI needs the total (it divides by it); 0.3.75 takes no such argument."""
+    import inspect
+
+    import comfy.context_windows as cw
+
+    takes_total = "total_frames" in inspect.signature(cw.IndexListContextWindow).parameters
+    return cw.IndexListContextWindow(list(index_list), **({"total_frames": total_frames} if takes_total else {}))
