@@ -7,12 +7,12 @@ predictor.config>``, plus any ``extra_metadata`` (training step, encoder file na
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import StoryDiffusionError
+from ..files import write_new
 from .predictor import ENCODER_OUTPUTS, SemanticMotionPredictor, validate_config
 
 FORMAT_NAME = "storydiffusion_native.motion_predictor"
@@ -32,15 +32,16 @@ class MotionPredictorCompatError(StoryDiffusionError, ValueError):
     """A motion predictor was trained for another CLIP vision output (kind, width or token count)."""
 
 
-def save_predictor(predictor: SemanticMotionPredictor, path, extra_metadata: dict | None = None) -> Path:
+def save_predictor(predictor: SemanticMotionPredictor, path, extra_metadata: dict | None = None,
+                   overwrite: bool = False) -> Path:
     """Write ``predictor``'s weights (their current dtype, moved to CPU) and config to ``path`` (.safetensors).
 
     ``extra_metadata``: str -> JSON-serialisable values (non-strings are stored as JSON text); the reserved
-    keys ``format``, ``format_version``, ``config`` cannot be overridden. Writes atomically (temp file + rename).
+    keys ``format``, ``format_version``, ``config`` cannot be overridden. Writes atomically (temp file + rename)
+    and never replaces an existing file unless ``overwrite`` (``FileExistsError`` naming it).
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
     meta = {}
     for key, value in (extra_metadata or {}).items():
         if key in RESERVED_KEYS:
@@ -48,11 +49,7 @@ def save_predictor(predictor: SemanticMotionPredictor, path, extra_metadata: dic
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
     meta.update(format=FORMAT_NAME, format_version=str(FORMAT_VERSION), config=json.dumps(predictor.config))
     sd = {k: v.detach().to("cpu").contiguous() for k, v in predictor.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_new(path, lambda tmp: save_file(sd, tmp, metadata=meta), overwrite)
 
 
 def read_metadata(path) -> dict:
@@ -90,6 +87,8 @@ def load_predictor(path, device=None, dtype=None) -> SemanticMotionPredictor:
     """Build a ``SemanticMotionPredictor`` from a file written by ``save_predictor``; eval mode, no grad needed.
 
     ``device``/``dtype``: where/in what to put the weights (default: CPU, the stored dtype).
+    The header's config is checked against the header's tensor names and shapes with the module built on the
+    ``meta`` device, before any weight is allocated or read: a small file claiming a huge model costs nothing.
     Raises ``MotionPredictorFileError`` (naming the file) for: missing or corrupt/truncated file, foreign
     format, unknown version, missing or invalid config, missing/unexpected tensors or wrong tensor shapes.
     """
@@ -101,36 +100,49 @@ def load_predictor(path, device=None, dtype=None) -> SemanticMotionPredictor:
         config = validate_config(json.loads(meta["config"]))
     except (ValueError, TypeError) as e:
         raise MotionPredictorFileError(path, f"invalid architecture config in metadata: {e}") from e
-    predictor = SemanticMotionPredictor(config)
-    expected = predictor.state_dict()
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            layers = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+            if layers != config["layers"]:  # checked first: each claimed layer is a module, even on meta
+                raise MotionPredictorFileError(
+                    path, f"the config claims {config['layers']} layers, the file holds {layers}")
+            try:
+                with torch.device("meta"):
+                    predictor = SemanticMotionPredictor(config)
+            except RuntimeError as e:  # sizes past what a tensor can describe
+                raise MotionPredictorFileError(path, f"the config describes no buildable model: {e}") from e
+            _check_shapes(path, {k: tuple(v.shape) for k, v in predictor.state_dict().items()}, shapes)
+            sd = {k: f.get_tensor(k) for k in shapes}
+    except MotionPredictorFileError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError for unreadable data
         raise MotionPredictorFileError(
             path, f"tensor data unreadable (corrupt or truncated?): {type(e).__name__}: {e}") from e
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs config {tuple(v.shape)}"
-             for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("tensor shapes do not match the stored config: " + "; ".join(wrong[:5])
-                         + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
-        if missing:
-            parts.append(f"missing tensors {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
-        raise MotionPredictorFileError(path, "; ".join(parts))
     if not all(torch.is_floating_point(v) for v in sd.values()):
         raise MotionPredictorFileError(path, "non-float tensors in file")
     stored_dtype = next(iter(sd.values())).dtype if sd else torch.float32
-    predictor.to(dtype=stored_dtype)
-    predictor.load_state_dict(sd, strict=True)
+    predictor.load_state_dict(sd, strict=True, assign=True)
     predictor.to(device=device or "cpu", dtype=dtype or stored_dtype)
     predictor.eval().requires_grad_(False)
     return predictor
+
+
+def _check_shapes(path, expected: dict, found: dict) -> None:
+    """Refuse a file whose tensor names/shapes differ from the config's (``name -> shape`` dicts)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: file {found[k]} vs config {v}" for k, v in expected.items() if k in found and found[k] != v]
+    parts = []
+    if wrong:
+        parts.append("tensor shapes do not match the stored config: " + "; ".join(wrong[:5])
+                     + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
+    if missing:
+        parts.append(f"missing tensors {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        parts.append(f"unexpected tensors {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+    if parts:
+        raise MotionPredictorFileError(path, "; ".join(parts))
 
 
 def check_encoder_compat(predictor: SemanticMotionPredictor, clip_vision_output_kind: str, dim: int,

@@ -7,11 +7,11 @@ Encodings come from the SAME ComfyUI CLIP vision model used at inference (``comf
 predictor lives in exactly the space the IP-Adapter nodes consume.
 
 Resumable: ``<out>.state.pt`` holds weights (fp32), AdamW state, step, loss history and the clip sampler's RNG
-state; ``resume=True`` continues from it and gives the same loss curve as an uninterrupted run.
+state; ``resume=True`` continues from it and gives the same loss curve as an uninterrupted run. A new run never
+replaces an existing predictor or state (``overwrite=True`` does).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,12 +19,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import StoryDiffusionError
+from ..files import write_new
 from .checkpoint import save_predictor
 from .data import (TOKEN_KINDS, ClipSampler, EncodedVideo, EncodeSettings, VideoDataError, VideoEncodingCache,
                    file_digest, list_videos)
 from .predictor import SemanticMotionPredictor, interpolate, make_config
 
 STATE_FORMAT = "storydiffusion_native.motion_predictor.train_state/1"
+
+
+class TrainingFileError(StoryDiffusionError, ValueError):
+    """A run would replace an existing predictor or state, or its state file cannot be resumed from."""
 
 
 @dataclass
@@ -64,6 +70,7 @@ class TrainOptions:
     save_every: int = 1000
     save_dtype: str = "float32"
     resume: bool = False
+    overwrite: bool = False                    # a new run may replace an existing predictor and state
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -93,6 +100,23 @@ def load_clip_vision(path, config_json=None):
         raise VideoDataError(f"ComfyUI does not recognise '{path}' as a CLIP vision model (pass its JSON config "
                              "with --clip-vision-config)")
     return model
+
+
+def check_outputs(opts: TrainOptions) -> None:
+    """Refuse (``TrainingFileError`` naming the files and the flags) a run that would replace an existing
+    predictor or training state: anything but resuming from an existing state, unless ``opts.overwrite``."""
+    state = opts.state_path()
+    if opts.overwrite or (opts.resume and state.is_file()):
+        return
+    existing = [p for p in (Path(opts.out), state) if p.exists()]
+    if not existing:
+        return
+    files = " and ".join(f"'{p}'" for p in existing)
+    resume = (f"pass --resume to continue training from '{state}'" if state.exists() else
+              f"--resume cannot continue without the training state '{state}'")
+    raise TrainingFileError(f"{files} already exist{'s' if len(existing) == 1 else ''} and a new run would replace "
+                            f"{'it' if len(existing) == 1 else 'them'}: {resume}; pass --overwrite to start again "
+                            "and replace, or choose another --out")
 
 
 def pick_device(name: str) -> torch.device:
@@ -138,7 +162,8 @@ def prepare_data(opts: TrainOptions, clip_vision, log=print) -> ClipSampler:
 def train(opts: TrainOptions, clip_vision=None, log=print) -> dict:
     """Train (or resume training) a predictor; write ``opts.out`` (+ ``.state.pt``) and return a summary.
 
-    ``clip_vision``: an already loaded ``ClipVisionModel`` (else loaded from ``opts.clip_vision``). Must run
+    ``clip_vision``: an already loaded ``ClipVisionModel`` (else loaded from ``opts.clip_vision``). Raises
+    ``TrainingFileError`` before any work when the run would replace files (see ``check_outputs``). Must run
     outside ComfyUI's executor (which wraps nodes in ``torch.inference_mode``). Returns ``{"step", "losses"
     (per-step total loss, the whole run including resumed parts), "interp_losses" (the same loss of plain
     interpolation, the baseline to beat), "out", "state"}``.
@@ -147,6 +172,7 @@ def train(opts: TrainOptions, clip_vision=None, log=print) -> dict:
 
     if torch.is_inference_mode_enabled():
         raise RuntimeError("train() cannot run under torch.inference_mode (ComfyUI's executor): use the command")
+    check_outputs(opts)
     device = pick_device(opts.device)
     if clip_vision is None:
         clip_vision = load_clip_vision(opts.clip_vision, opts.clip_vision_config)
@@ -166,12 +192,16 @@ def train(opts: TrainOptions, clip_vision=None, log=print) -> dict:
 
     state_path = opts.state_path()
     if opts.resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"'{state_path}' is not a motion predictor training state")
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # the weights-only unpickler and zipfile raise many types
+            raise TrainingFileError(f"cannot resume from '{state_path}': unreadable ({type(e).__name__}: "
+                                    f"{(str(e).splitlines() or [''])[0][:200]})") from e
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise TrainingFileError(f"'{state_path}' is not a motion predictor training state")
         if state["config"] != predictor.config:
-            raise ValueError(f"cannot resume from '{state_path}': architecture differs (saved {state['config']}, "
-                             f"requested {predictor.config})")
+            raise TrainingFileError(f"cannot resume from '{state_path}': architecture differs (saved "
+                                    f"{state['config']}, requested {predictor.config})")
         predictor.load_state_dict(state["model"])
         optim.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
@@ -190,13 +220,13 @@ def train(opts: TrainOptions, clip_vision=None, log=print) -> dict:
         dtype = getattr(torch, opts.save_dtype)
         export = SemanticMotionPredictor(predictor.config)
         export.load_state_dict({k: v.detach().cpu() for k, v in predictor.state_dict().items()})
-        save_predictor(export.to(dtype), opts.out, extra_metadata=meta)
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        torch.save({"format": STATE_FORMAT, "config": predictor.config, "step": step,
-                    "model": {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
-                    "optimizer": optim.state_dict(), "generator": gen.get_state(), "losses": losses,
-                    "interp_losses": interp_losses, "options": asdict(opts)}, tmp)
-        tmp.replace(state_path)
+        # this run's own files (check_outputs ran first)
+        save_predictor(export.to(dtype), opts.out, extra_metadata=meta, overwrite=True)
+        state = {"format": STATE_FORMAT, "config": predictor.config, "step": step,
+                 "model": {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
+                 "optimizer": optim.state_dict(), "generator": gen.get_state(), "losses": losses,
+                 "interp_losses": interp_losses, "options": asdict(opts)}
+        write_new(state_path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if opts.amp and device.type == "cuda" else None)
     bar = tqdm(total=opts.steps, initial=step, desc="training", disable=not opts.progress, unit="step")
@@ -234,7 +264,3 @@ def train(opts: TrainOptions, clip_vision=None, log=print) -> dict:
         f"interpolation baseline {interp_losses[-1] if interp_losses else float('nan'):.4f})")
     return {"step": step, "losses": losses, "interp_losses": interp_losses, "out": str(opts.out),
             "state": str(state_path), "config": predictor.config}
-
-
-def options_summary(opts: TrainOptions) -> str:
-    return json.dumps(asdict(opts), indent=1, default=str)

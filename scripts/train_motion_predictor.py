@@ -6,7 +6,8 @@
 
 Bootstraps ComfyUI in this process (``--comfyui`` or ``$COMFYUI_PATH``, else the pinned test copy), loads the
 CLIP vision file with ``comfy.clip_vision.load``, encodes every video once (cache: ``<out>.cache/``), then trains
-(``motion/train.py``). ``--resume`` continues from ``<out>.state.pt``. Run ``--help`` for every option.
+(``motion/train.py``). ``--resume`` continues from ``<out>.state.pt``; an existing predictor or state is never
+replaced without ``--overwrite`` (exit code 2 and a message instead). Run ``--help`` for every option.
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     g.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     g.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if it exists")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start again even if <out> or <out>.state.pt exist, replacing them (never done otherwise)")
     g.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("ComfyUI")
     g.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH, else the pinned copy)")
@@ -80,7 +83,7 @@ def options_from_args(args, TrainOptions):
         min_span=args.min_span, max_span=args.max_span, frame_stride=args.frame_stride, short_side=args.short_side,
         max_frames_per_video=args.max_frames_per_video, crop=not args.no_crop, cut_threshold=args.cut_threshold,
         encode_batch=args.encode_batch, cache_dir=args.cache_dir, save_every=args.save_every,
-        save_dtype=args.save_dtype, resume=args.resume, progress=not args.no_progress)
+        save_dtype=args.save_dtype, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
 
 
 def main(argv=None) -> int:
@@ -92,7 +95,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sdn_train_") as base:
         host = sdn_host.bootstrap(base, comfyui=args.comfyui, cpu=cpu)
         train_mod = host.pack_module("motion.train")
-        result = train_mod.train(options_from_args(args, train_mod.TrainOptions))
+        try:
+            result = train_mod.train(options_from_args(args, train_mod.TrainOptions))
+        except train_mod.TrainingFileError as e:
+            print(f"train_motion_predictor: {e}", file=sys.stderr)
+            return 2
     print(f"done: {result['out']} (step {result['step']})")
     return 0
 

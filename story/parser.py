@@ -29,6 +29,7 @@ gives the 1-based line number and what is wrong.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 
@@ -92,7 +93,7 @@ class Story:
     def panels_naming(self, name: str) -> tuple[int, ...]:
         """0-based indices of the panels that name character ``name`` (KeyError if it is not defined)."""
         if name not in self.characters:
-            raise KeyError(f"no character '{name}' in this story (characters: {', '.join(self.characters) or 'none'})")
+            raise KeyError(f"no character {name!r} in this story (characters: {', '.join(map(repr, self.characters)) or 'none'})")
         return tuple(p.index for p in self.panels if name in p.characters)
 
     def styled_prompts(self) -> tuple[str, ...]:
@@ -133,11 +134,11 @@ def _parse_character(body: str, line_no: int, characters: dict) -> None:
     if name == NO_CHARACTER:
         raise _error(line_no, "'[NC]' is reserved for panels without a character", "a character name other than NC")
     if name in characters:
-        raise _error(line_no, f"duplicate character '{name}'", "each character defined once")
+        raise _error(line_no, f"duplicate character {name!r}", "each character defined once")
     if not desc:
-        raise _error(line_no, f"character '{name}' has an empty description", "'[Name] description'")
+        raise _error(line_no, f"character {name!r} has an empty description", "'[Name] description'")
     if "[" in desc:
-        raise _error(line_no, f"description of '{name}' contains a [..] marker", "a plain-text description")
+        raise _error(line_no, f"description of {name!r} contains a [..] marker", "a plain-text description")
     characters[name] = desc
 
 
@@ -145,7 +146,23 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _parse_panel(body: str, line_no: int, index: int, characters: dict) -> Panel:
+def _unknown_character(name: str, characters: dict, defines: bool, separated: bool) -> str:
+    """What is wrong with ``[name]`` in a panel and how to fix it. Names are shown with repr() so invisible
+    characters (zero-width spaces...) show as escapes. ``defines``: the marker starts a line that reads like a
+    character definition; ``separated``: the story has a '---' line."""
+    what = f"unknown character {f'[{name}]'!r}; characters are {', '.join(map(repr, characters)) or 'none'}"
+    folded = {k.casefold(): k for k in characters}
+    if name.casefold() in folded:
+        return what + f"; did you mean {folded[name.casefold()]!r}? (names are case-sensitive)"
+    if close := difflib.get_close_matches(name, list(characters), n=1):
+        what += f"; did you mean {close[0]!r}?"
+    if defines:
+        where = ", above the '---' line" if separated else ""
+        what += f" (a new character's '[Name] description' line goes before the first panel{where})"
+    return what
+
+
+def _parse_panel(body: str, line_no: int, index: int, characters: dict, separated: bool) -> Panel:
     text, sep, caption = body.rpartition("#")
     if not sep:
         text, caption = body, ""
@@ -160,16 +177,12 @@ def _parse_panel(body: str, line_no: int, index: int, characters: dict) -> Panel
             if name not in names:
                 names.append(name)
         else:
-            hint = ""
-            folded = {k.lower(): k for k in characters}
-            if name.lower() in folded:
-                hint = f" (did you mean '{folded[name.lower()]}'? names are case-sensitive)"
-            elif m.start() == 0 and text[m.end():].strip():
-                hint = " (a character definition after panels started? characters must be defined before the first panel)"
-            raise _error(line_no, f"unknown character '[{name}]'{hint}",
-                         f"a defined character ({', '.join(characters) or 'none defined'}) or [NC]")
+            defines = m.start() == 0 and bool(text[m.end():].strip())
+            raise _error(line_no, _unknown_character(name, characters, defines, separated),
+                         "a defined character or [NC]")
     if no_char and names:
-        raise _error(line_no, f"[NC] together with character(s) {', '.join(names)}", "[NC] only on panels without a character")
+        raise _error(line_no, f"[NC] together with character(s) {', '.join(map(repr, names))}",
+                     "[NC] only on panels without a character")
 
     def expand(m: re.Match) -> str:
         name = m.group(1).strip()
@@ -210,7 +223,7 @@ def parse_story(text: str) -> Story:
             elif in_header:
                 _parse_character(s, n, characters)
             else:
-                panels.append(_parse_panel(s, n, len(panels), characters))
+                panels.append(_parse_panel(s, n, len(panels), characters, True))
     else:
         in_header = True
         for n, s in lines:
@@ -221,7 +234,7 @@ def parse_story(text: str) -> Story:
                     _parse_character(s, n, characters)
                     continue
                 in_header = False
-            panels.append(_parse_panel(s, n, len(panels), characters))
+            panels.append(_parse_panel(s, n, len(panels), characters, False))
     if not panels:
         last = max(1, len(text.splitlines()))  # the end of the story
         hint = ""

@@ -65,3 +65,30 @@ def test_user_checkout_with_the_pack_installed(tmp_path, host, sd15_checkpoint):
     written = [Path(line) for line in proc.stdout.splitlines() if line.endswith(".png")]
     assert len(written) == 1 and written[0].is_file()
     assert np.asarray(Image.open(written[0])).shape[:2] == (1024, 1024)
+
+
+def test_written_files_outlive_the_run_and_nothing_is_overwritten(tmp_path, host, sd15_checkpoint, pack):
+    # long_story_sd15 saves Mira's character bank into models/sdn_characters and its pages into the output
+    # folder. Files of the user's with the names the run would pick first must stay as they are.
+    ckpt = host.base_directory / "models" / "checkpoints" / sd15_checkpoint
+    out = tmp_path / "pages"
+    old_page = out / "storydiffusion" / "long_story_sd15_00001_.png"
+    old_bank = tmp_path / "models" / "sdn_characters" / "Mira.safetensors"
+    for path in (old_page, old_bank):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"made by the user")
+    proc = run("--checkpoint", str(ckpt), "--workflow", "long_story_sd15", "--steps", "1", "--size", "64",
+               "--out", str(out), "--cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [Path(line) for line in proc.stdout.splitlines() if line.strip()]
+    pages = sorted(p for p in written if p.suffix == ".png")
+    assert [p.name for p in pages] == ["long_story_sd15_00002_.png", "long_story_sd15_00003_.png"]
+    assert all(p.is_file() and p.is_relative_to(out) for p in pages)
+    assert np.asarray(Image.open(pages[0])).shape[:2] == (1448, 1024)
+    # the bank lands in the persistent models folder (default ./models), next to the user's own
+    banks = [p for p in written if p.suffix == ".safetensors"]
+    assert banks == [tmp_path / "models" / "sdn_characters" / "Mira_001.safetensors"], proc.stdout
+    bank = pack("attention.bank").CharacterBank.load(banks[0])
+    assert bank.name == "Mira" and bank.reference_count == 2
+    assert old_page.read_bytes() == old_bank.read_bytes() == b"made by the user"
+    assert len(written) == 3, proc.stdout

@@ -171,3 +171,36 @@ def test_cli_trains_pooled_predictor(env, pack, tmp_path):
     p = pack("motion").load_predictor(out)
     assert (p.config["token_count"], p.config["token_dim"], p.config["encoder_output"]) == (
         1, cvm.SHAPES["small"][2], "image_embeds")
+
+
+def test_a_new_run_never_replaces_a_predictor_or_its_state(tm, env, pack):
+    errors = pack("errors")
+    first = tm.train(options(tm, env, "kept", steps=2), log=lambda *a: None)
+    out, state = Path(first["out"]), Path(first["state"])
+    before = out.read_bytes(), state.read_bytes()
+    with pytest.raises(errors.StoryDiffusionError) as info:
+        tm.train(options(tm, env, "kept", steps=3), log=lambda *a: None)
+    msg = str(info.value)
+    assert str(out) in msg and str(state) in msg and "--resume" in msg and "--overwrite" in msg, msg
+    # --resume without a state file would start from step 0 and replace the predictor as well
+    state.rename(state.with_name("elsewhere"))
+    with pytest.raises(errors.StoryDiffusionError, match="--overwrite") as info:
+        tm.train(options(tm, env, "kept", steps=3, resume=True), log=lambda *a: None)
+    assert str(out) in str(info.value) and str(state) in str(info.value)
+    state.with_name("elsewhere").rename(state)
+    assert (out.read_bytes(), state.read_bytes()) == before
+    replaced = tm.train(options(tm, env, "kept", steps=3, overwrite=True), log=lambda *a: None)
+    assert replaced["step"] == 3 and out.read_bytes() != before[0]
+
+
+def test_cli_refuses_to_replace_and_says_how_to_continue(env, tmp_path):
+    out = tmp_path / "smp.safetensors"
+    out.write_bytes(b"a predictor the user trained for a week")
+    cmd = [sys.executable, str(REPO / "scripts" / "train_motion_predictor.py"), "--videos", str(env["videos"]),
+           "--clip-vision", str(env["clip_vision"]), "--clip-vision-config", str(env["config"]), "--out", str(out),
+           "--steps", "1", "--width", "32", "--layers", "1", "--heads", "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert str(out) in proc.stderr and "--resume" in proc.stderr and "--overwrite" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert out.read_bytes() == b"a predictor the user trained for a week"

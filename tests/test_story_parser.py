@@ -192,3 +192,31 @@ def test_error_second_separator(P, errors):
 def test_error_message_format(P, errors):
     msg = expect_error(P, errors, "[A] a\n---\n[B] b\n", 3)
     assert re.match(r"^SDN_StoryPrompt: input 'story': expected .+, got line 3: ", msg), msg
+
+
+def test_error_misspelt_name_starting_a_panel(P, errors):
+    story = f"[Lena] a girl with red hair\n[Bob] {BOB}\n---\n[Lena] walks\n[Lenna] reads a book\n"
+    msg = expect_error(P, errors, story, 5, "unknown character '[Lenna]'", "characters are 'Lena', 'Bob'",
+                       "did you mean 'Lena'?", "before the first panel", "above the '---' line")
+    # without a separator the same line is a panel once panels started
+    expect_error(P, errors, "[Lena] a girl with red hair\n[Lena] walks\n[Lenna] reads a book\n", 3,
+                 "did you mean 'Lena'?", "before the first panel")
+    assert "'---'" in msg
+
+
+def test_error_misspelt_name_inside_a_panel(P, errors):
+    msg = expect_error(P, errors, f"[Bob] {BOB}\n[Alice] {ALICE}\n---\n[Bob] meets [Alcie] at home\n", 4,
+                       "unknown character '[Alcie]'", "did you mean 'Alice'?")
+    assert "before the first panel" not in msg  # not at the start of the line: not a misplaced definition
+
+
+def test_error_names_with_invisible_characters_are_escaped(P, errors):
+    zw = "\u200b"
+    msg = expect_error(P, errors, f"[Lena] a girl\n---\n[Lena{zw}] walks\n", 3, r"'[Lena\u200b]'",
+                       "did you mean 'Lena'?")
+    assert zw not in msg
+    msg = expect_error(P, errors, f"[Lena{zw}] a girl\n---\n[Lena] walks\n", 3, r"characters are 'Lena\u200b'",
+                       r"did you mean 'Lena\u200b'?")
+    assert zw not in msg
+    msg = expect_error(P, errors, f"[Bob{zw}] {BOB}\n[Bob{zw}] again\n---\n[Bob{zw}] x\n", 2, r"'Bob\u200b'")
+    assert zw not in msg
