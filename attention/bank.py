@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import StoryDiffusionError
+from ..files import write_new
 
 FORMAT = "sdn-character-bank"
 VERSION = 1
@@ -49,9 +52,12 @@ def layer_name(block, block_index) -> str:
 def model_fingerprint(model_patcher) -> str:
     """Identify the weights that produce the keys/values: architecture, config, base weights, weight patches.
 
-    Cheap (no full hash): model class, UNet config, a checksum of a few attention projection weights, and the
-    keys and strengths of weight patches such as LoRAs. Base weights are read from the patcher's backup when
-    ComfyUI has applied patches in place (a loaded model), so loading state never changes the fingerprint.
+    Cheap (no full hash): model class, UNet config, a checksum of a few attention projection weights, and every
+    weight patch (LoRAs and the like) with its key, strengths and content (:func:`_feed`), so two LoRAs with the
+    same keys and strengths differ. Loading state never changes it: base weights are read from the patcher's
+    backup when ComfyUI has applied patches in place (a loaded model), and patches from ``patches``, which
+    holds them whether they are applied in place, applied on the fly during forward (lowvram, current
+    ComfyUI's dynamic VRAM) or not applied yet.
     """
     model = model_patcher.model
     h = hashlib.sha256()
@@ -68,9 +74,41 @@ def model_fingerprint(model_patcher) -> str:
                        [round(float(x), 6) for x in w[:8]])).encode())
     for key in sorted(getattr(model_patcher, "patches", {}) or {}):
         h.update(key.encode())
-        for p in model_patcher.patches[key]:
-            h.update(repr((p[0], p[2] if len(p) > 2 else None)).encode())
+        for patch in model_patcher.patches[key]:  # (strength_patch, data, strength_model, offset, function)
+            _feed(h, patch)
     return h.hexdigest()[:32]
+
+
+_DIGEST_SAMPLES = 4096  # evenly spaced values hashed per patch tensor: any two trained/random tensors differ
+
+
+def _feed(h, value) -> None:
+    """Hash a weight patch's content into ``h``, whatever form ComfyUI stores it in: a bare tensor,
+    ``("diff", (tensor,))``, ``("lora", (up, down, alpha, ...))``, a weight adapter object with ``.weights``
+    (current ComfyUI), nested patch lists. Tensors count by shape, dtype and the exact bytes of up to
+    ``2 x _DIGEST_SAMPLES`` evenly spaced elements (bytes, not sums: the same on every device); functions by
+    qualified name; other objects by class (their repr may hold a memory address).
+    """
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // _DIGEST_SAMPLES)].cpu().contiguous()
+        h.update(f"tensor{tuple(value.shape)}{value.dtype}".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        h.update(repr(value).encode())
+    elif isinstance(value, (tuple, list)):
+        h.update(b"(")
+        for item in value:
+            _feed(h, item)
+        h.update(b")")
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _feed(h, value[k])
+    else:
+        h.update(getattr(value, "__qualname__", type(value).__qualname__).encode())
+        if hasattr(value, "weights"):
+            _feed(h, value.weights)
 
 
 @dataclass
@@ -153,7 +191,11 @@ class CharacterBank:
                 f"(sigmas {_short(self.schedule)}); this sampler uses {len(schedule) - 1} steps "
                 f"(sigmas {_short(schedule)}). Use the same steps, scheduler and denoise as the recording.")
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the bank to ``path`` (safetensors: tensors ``<i>.k``/``<i>.v``, everything else in the metadata).
+
+        Never replaces an existing file unless ``overwrite`` (``FileExistsError`` naming it).
+        """
         import comfy.utils
 
         tensors, index = {}, []
@@ -165,12 +207,15 @@ class CharacterBank:
                 "schedule": json.dumps(list(self.schedule)), "latent_hw": json.dumps(list(self.latent_hw)),
                 "fingerprint": self.fingerprint, "reference_count": str(self.reference_count),
                 "settings": json.dumps(self.settings), "index": json.dumps(index)}
-        path = Path(path)
-        comfy.utils.save_torch_file(tensors, str(path), metadata=meta)
-        return path
+        return write_new(path, lambda tmp: comfy.utils.save_torch_file(tensors, tmp, metadata=meta), overwrite)
 
     @staticmethod
     def load(path: str | Path) -> "CharacterBank":
+        """Read a bank written by ``save``; every metadata field, tensor name, shape and dtype is checked first.
+
+        Raises ``BankFileError`` naming the file and what is wrong: unreadable/corrupt file, another format or
+        version, a missing or malformed metadata field, tensors that do not match the index or each other.
+        """
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -183,16 +228,99 @@ class CharacterBank:
                 if meta.get("version") != str(VERSION):
                     raise BankFileError(f"{path.name}: character bank version {meta.get('version')!r} is not "
                                         f"supported (this pack reads version {VERSION})")
-                index = json.loads(meta["index"])
-                entries = {(int(s), str(layer), int(h)): (f.get_tensor(f"{i}.k"), f.get_tensor(f"{i}.v"))
-                           for i, (s, layer, h) in enumerate(index)}
-                return CharacterBank(meta["name"], meta.get("description", ""), entries,
-                                     tuple(json.loads(meta["schedule"])), tuple(json.loads(meta["latent_hw"])),
-                                     meta["fingerprint"], int(meta["reference_count"]), json.loads(meta["settings"]))
-        except BankFileError:
-            raise
-        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
+                try:
+                    fields = _metadata_fields(meta)
+                    _check_tensors(f, fields["index"], fields["reference_count"])
+                except ValueError as e:
+                    raise BankFileError(f"{path.name}: invalid character bank: {e}") from e
+                entries = {key: (f.get_tensor(f"{i}.k"), f.get_tensor(f"{i}.v"))
+                           for i, key in enumerate(fields.pop("index"))}
+        except (OSError, SafetensorError) as e:
             raise BankFileError(f"{path.name}: unreadable character bank ({type(e).__name__}: {e})") from e
+        return CharacterBank(entries=entries, **fields)
+
+
+_LAYER_NAME = re.compile(r"(input|middle|output)\.\d+\.\d+")  # layer_name()'s form
+_STORED_DTYPES = {"F16", "BF16", "F32"}  # safetensors' names of DTYPES
+
+
+def _metadata_fields(meta: dict) -> dict:
+    """A bank file's metadata (strings) -> CharacterBank's fields plus ``index``; ValueError names the bad field."""
+    missing = [k for k in ("name", "schedule", "latent_hw", "fingerprint", "reference_count", "settings", "index")
+               if k not in meta]
+    if missing:
+        raise ValueError(f"metadata lacks {missing}")
+
+    def parsed(key, valid, expected):
+        try:
+            value = json.loads(meta[key])
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise ValueError(f"metadata '{key}' must be {expected}, got {_clip(meta[key])}")
+        return value
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def count(x, least=1):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= least
+
+    schedule = parsed("schedule", lambda s: isinstance(s, list) and len(s) >= 2 and all(map(number, s)),
+                      "a JSON list of at least 2 sigmas")
+    latent_hw = parsed("latent_hw", lambda s: isinstance(s, list) and len(s) == 2 and all(map(count, s)),
+                       "a JSON list [height, width] of positive integers")
+    settings = parsed("settings", lambda s: isinstance(s, dict), "a JSON object")
+    refs = meta["reference_count"]
+    if not (refs.isdecimal() and int(refs) >= 1):
+        raise ValueError(f"metadata 'reference_count' must be a positive integer, got {_clip(refs)}")
+    if not meta["name"].strip():
+        raise ValueError("metadata 'name' is empty")
+
+    def entry(e):
+        return (isinstance(e, list) and len(e) == 3 and count(e[0], 0) and isinstance(e[1], str)
+                and _LAYER_NAME.fullmatch(e[1]) is not None and count(e[2], 0) and e[2] <= 1)
+
+    index = parsed("index", lambda s: isinstance(s, list) and len(s) > 0 and all(map(entry, s)),
+                   "a non-empty JSON list of [step, 'input|middle|output.<block>.<depth>', half 0|1] entries")
+    keys = [tuple(e) for e in index]
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"metadata 'index' lists {list(twice)} twice")
+    last, steps = max(k[0] for k in keys), len(schedule) - 1
+    if last >= steps:
+        raise ValueError(f"metadata 'index' has step {last}, the schedule has {steps} steps")
+    return {"name": meta["name"], "description": meta.get("description", ""), "schedule": tuple(schedule),
+            "latent_hw": tuple(latent_hw), "fingerprint": meta["fingerprint"], "reference_count": int(refs),
+            "settings": settings, "index": keys}
+
+
+def _check_tensors(f, index: list, refs: int) -> None:
+    """Check, from the file's header alone, that its tensors are exactly the index's k/v pairs and consistent:
+    2-D ``(R * M, C)`` with R = ``refs``, k and v alike, one shape per layer, one float dtype throughout."""
+    names = set(f.keys())
+    wanted = {f"{i}.{kv}" for i in range(len(index)) for kv in "kv"}
+    if names != wanted:
+        raise ValueError(f"tensors do not match the index: missing {sorted(wanted - names)[:4]}, unexpected "
+                         f"{sorted(names - wanted)[:4]}")
+    shapes, dtypes = {}, set()
+    for i, (step, layer, half) in enumerate(index):
+        k, v = f.get_slice(f"{i}.k"), f.get_slice(f"{i}.v")
+        shape, where = k.get_shape(), f"entry {i} (step {step}, layer {layer}, half {half})"
+        if v.get_shape() != shape or len(shape) != 2:
+            raise ValueError(f"{where}: k {k.get_shape()} and v {v.get_shape()} must have one 2-D shape "
+                             "(tokens, channels)")
+        if shape[0] == 0 or shape[0] % refs:
+            raise ValueError(f"{where}: {shape[0]} tokens are not a multiple of the {refs} reference images")
+        if shapes.setdefault(layer, shape) != shape:
+            raise ValueError(f"{where}: shape {shape} differs from the layer's other entries {shapes[layer]}")
+        dtypes.update((k.get_dtype(), v.get_dtype()))
+    if len(dtypes) != 1 or not dtypes <= _STORED_DTYPES:
+        raise ValueError(f"tensor dtypes {sorted(dtypes)}: expected one of {sorted(_STORED_DTYPES)} throughout")
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
 def schedule_key(sample_sigmas) -> tuple:

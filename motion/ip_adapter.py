@@ -132,10 +132,13 @@ class IPAdapterModel:
 
 def split_state_dict(sd: dict) -> tuple[dict, dict]:
     """Return ``(image_proj, ip_adapter)`` sub-dicts of a nested (.bin) or flat (.safetensors) state dict."""
-    if "image_proj" in sd and isinstance(sd["image_proj"], dict):
-        return dict(sd["image_proj"]), dict(sd.get("ip_adapter", {}))
+    if isinstance(sd.get("image_proj"), dict):
+        ip = sd.get("ip_adapter")
+        return dict(sd["image_proj"]), dict(ip) if isinstance(ip, dict) else {}
     proj, ip = {}, {}
     for k, v in sd.items():
+        if not isinstance(k, str):
+            continue
         if k.startswith("image_proj."):
             proj[k[len("image_proj."):]] = v
         elif k.startswith("ip_adapter."):
@@ -143,24 +146,65 @@ def split_state_dict(sd: dict) -> tuple[dict, dict]:
     return proj, ip
 
 
+# the tensors each image projection's size is read from, with their number of dimensions
+_PLUS_SIZES = {"latents": 3, "proj_in.weight": 2, "proj_out.weight": 2, "layers.0.0.to_q.weight": 2,
+               "layers.0.1.1.weight": 2}
+_PLAIN_SIZES = {"proj.weight": 2, "norm.weight": 1}
+
+
+def load_ip_adapter(path: str, source: str) -> IPAdapterModel:
+    """Read an IP-Adapter checkpoint (.safetensors, or .bin through ComfyUI's weights-only ``torch.load``) and
+    parse it. Raises NodeInputError (node SDN_IPAdapterLoader, input ``ipadapter_name``, naming ``source``) for
+    an unreadable file and for everything :func:`parse_state_dict` refuses."""
+    import comfy.utils
+
+    from ..errors import NodeInputError
+
+    try:
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:  # safetensors, zipfile and the unpickler each raise their own types
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise NodeInputError(NODE_LOAD, "ipadapter_name", "a readable IP-Adapter checkpoint (.safetensors or .bin)",
+                             got=f"{source}: {type(e).__name__}: {first}") from e
+    return parse_state_dict(sd, source)
+
+
 def parse_state_dict(sd: dict, source: str = "ipadapter") -> IPAdapterModel:
     """Build an :class:`IPAdapterModel` from a checkpoint state dict; detects plain vs plus by keys.
 
-    Raises NodeInputError (node SDN_IPAdapterLoader, input ``ipadapter_name``) for an unknown image
-    projection (FaceID, "full" MLP, ...), missing/odd ip layers or inconsistent shapes.
+    The image projection is built on the ``meta`` device from the sizes of a few tensors and compared with
+    every tensor of the file before it takes the file's weights, so a file cannot make it allocate more
+    than it holds (tensor names claiming many resampler layers, say). Raises NodeInputError (node
+    SDN_IPAdapterLoader, input ``ipadapter_name``, naming ``source``) for: not a dict of floating-point
+    tensors, an unknown image projection (FaceID, "full" MLP, ...), missing/odd ip layers, inconsistent shapes.
     """
     from ..errors import NodeInputError
 
     def bad(expected, got):
         return NodeInputError(NODE_LOAD, "ipadapter_name", expected, got=f"{source}: {got}")
 
+    if not isinstance(sd, dict):
+        raise bad("a state dict (tensors by name)", type(sd).__name__)
     proj, ip = split_state_dict(sd)
     if not proj or not ip:
         raise bad("an IP-Adapter checkpoint with 'image_proj' and 'ip_adapter' weights",
-                  f"top-level keys {sorted({k.split('.')[0] for k in sd})[:8]}")
+                  f"top-level keys {sorted({str(k).split('.')[0] for k in sd})[:8]}")
+    odd = [k for part in (proj, ip) for k, v in part.items()
+           if not (isinstance(k, str) and isinstance(v, torch.Tensor) and torch.is_floating_point(v))]
+    if odd:
+        raise bad("floating-point tensors", f"{sorted(map(str, odd))[:4]} are not")
     proj = {k: v.float() for k, v in proj.items()}
+
+    def sizes(layout, kind):
+        for key, ndim in layout.items():
+            if key not in proj:
+                raise bad(f"the {kind} image projection's '{key}'", "missing")
+            if proj[key].ndim != ndim:
+                raise bad(f"a {ndim}-D '{key}'", f"shape {tuple(proj[key].shape)}")
+
     if "latents" in proj and "proj_in.weight" in proj:
-        depth = len({int(m.group(1)) for k in proj if (m := re.match(r"layers\.(\d+)\.", k))})
+        sizes(_PLUS_SIZES, "plus")
+        depth = len({m.group(1) for k in proj if (m := re.match(r"layers\.(\d+)\.", k))})
         _, queries, dim = proj["latents"].shape
         clip_dim = proj["proj_in.weight"].shape[1]
         out_dim = proj["proj_out.weight"].shape[0]
@@ -168,31 +212,39 @@ def parse_state_dict(sd: dict, source: str = "ipadapter") -> IPAdapterModel:
         ff_inner = proj["layers.0.1.1.weight"].shape[0]
         if inner % 64:
             raise bad("perceiver attention widths that are multiples of 64 (IP-Adapter plus)", f"{inner}")
-        module = ResamplerImageProj(clip_dim, dim, out_dim, queries, depth, inner, ff_inner)
+        with torch.device("meta"):
+            module = ResamplerImageProj(clip_dim, dim, out_dim, queries, depth, inner, ff_inner)
         kind, cross_dim, tokens = "plus", out_dim, queries
     elif set(proj) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+        sizes(_PLAIN_SIZES, "plain")
         cross_dim = proj["norm.weight"].shape[0]
         total, clip_dim = proj["proj.weight"].shape
         if total % cross_dim:
             raise bad("proj rows = tokens x norm width", f"{total} rows, norm {cross_dim}")
-        module = PlainImageProj(clip_dim, cross_dim, total // cross_dim)
+        with torch.device("meta"):
+            module = PlainImageProj(clip_dim, cross_dim, total // cross_dim)
         kind, tokens = "plain", total // cross_dim
     else:
         raise bad("plain ('proj', 'norm') or plus ('latents', 'proj_in', 'layers', ...) image_proj keys "
                   "(FaceID and MLP-projection variants are not supported)", f"keys {sorted(proj)[:6]}")
-    missing, unexpected = module.load_state_dict(proj, strict=False)
-    if missing or unexpected:
-        raise bad("image_proj keys of the detected layout", f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(proj)), sorted(set(proj) - set(expected))
+    wrong = [f"{k} {tuple(proj[k].shape)} (expected {s})" for k, s in expected.items()
+             if k in proj and tuple(proj[k].shape) != s]
+    if missing or unexpected or wrong:
+        raise bad(f"image_proj weights of the detected {kind} layout",
+                  f"missing {missing[:4]}, unexpected {unexpected[:4]}, shapes {wrong[:4]}")
+    module.load_state_dict(proj, assign=True)
     module.eval().requires_grad_(False)
 
-    numbers = sorted({int(k.split(".")[0]) for k in ip if k.split(".")[0].isdigit()})
+    numbers = sorted({int(k.split(".")[0]) for k in ip if k.split(".")[0].isdecimal()})
     layers = []
     for n in numbers:
         kk, vk = f"{n}.to_k_ip.weight", f"{n}.to_v_ip.weight"
         if kk not in ip or vk not in ip:
             raise bad(f"'{kk}' and '{vk}'", "one of them missing")
         k_w, v_w = ip[kk].float(), ip[vk].float()
-        if k_w.shape != v_w.shape or k_w.shape[1] != cross_dim:
+        if k_w.shape != v_w.shape or k_w.ndim != 2 or k_w.shape[1] != cross_dim:
             raise bad(f"to_k_ip/to_v_ip of shape (inner, {cross_dim})", f"{tuple(k_w.shape)}, {tuple(v_w.shape)}")
         layers.append((k_w, v_w))
     if numbers != list(range(1, 2 * len(numbers), 2)):
@@ -200,18 +252,21 @@ def parse_state_dict(sd: dict, source: str = "ipadapter") -> IPAdapterModel:
     return IPAdapterModel(kind, module, layers, clip_dim, cross_dim, tokens)
 
 
-# ----------------------------------------------------------------------------------------------------
-# UNet layout
-
 def cross_attention_blocks(model_patcher) -> list[tuple[tuple[str, int, int], nn.Module]]:
     """``[((block_name, number, depth_index), attn2 module), ...]`` in IP-Adapter checkpoint order:
-    input blocks, then output blocks, then the middle block (diffusers: down, up, mid)."""
+    input blocks, then output blocks, then the middle block (diffusers: down, up, mid).
+
+    Raises UnsupportedModelError for models that are not image UNets: DiTs, and video UNets with temporal
+    layers (Stable Video Diffusion: its spatial blocks look like SD's, but no IP-Adapter was made for them)."""
+    from ..attention.patch import is_video_unet
     from ..errors import UnsupportedModelError
 
     dm = model_patcher.model.diffusion_model
+    expected = f"{NODE_APPLY}: input 'model': expected an image UNet (SD1.x/SD2.x/SDXL), got {type(dm).__name__}"
     if not all(hasattr(dm, a) for a in ("input_blocks", "output_blocks", "middle_block")):
-        raise UnsupportedModelError(f"{NODE_APPLY}: IP-Adapter injection needs a UNet (SD1.x/SD2.x/SDXL); "
-                                    f"got {type(dm).__name__}")
+        raise UnsupportedModelError(expected)
+    if is_video_unet(dm):
+        raise UnsupportedModelError(f"{expected} with temporal layers (a video model such as Stable Video Diffusion)")
     out = []
     for name, blocks in (("input", list(dm.input_blocks)), ("output", list(dm.output_blocks)),
                          ("middle", [dm.middle_block])):
@@ -229,29 +284,22 @@ def cross_attention_blocks(model_patcher) -> list[tuple[tuple[str, int, int], nn
 def frame_indices(extra_options: dict, batch: int, total: int) -> list[int]:
     """Frame index (into the full video) of each of the ``batch`` latents of this model call.
 
-    AnimateDiff-Evolved: ``extra_options["ad_params"]["sub_idxs"]`` (None when not windowed; then
-    ``full_length`` frames are all present). Core context windows: ``extra_options["context_window"]
-    .index_list``. Otherwise the batch is the whole video. Raises NodeInputError when the embeds do not
-    cover the video (``total`` != number of latents).
+    Under a context window (AnimateDiff-Evolved or core, with or without its causal anchor frame) the window's
+    frames (:func:`attention.frames.window_frames`); otherwise the batch is the whole video. Raises
+    NodeInputError when the ``total`` embeds do not cover the video, FrameLayoutError for an unknown window
+    layout.
     """
+    from ..attention.frames import video_length, window_frames
     from ..errors import NodeInputError
 
-    ad = extra_options.get("ad_params") or {}
-    full = ad.get("full_length")
-    idx = None
-    if ad.get("sub_idxs") is not None:
-        idx = [int(i) for i in ad["sub_idxs"]]
-    elif extra_options.get("context_window") is not None:
-        idx = [int(i) for i in extra_options["context_window"].index_list]
+    full = video_length(extra_options)
+    idx = window_frames(extra_options, batch, NODE_APPLY)
     if idx is None:
         idx = list(range(batch))
         full = batch if full is None else full
     if full is not None and full != total:
         raise NodeInputError(NODE_APPLY, "embeds", f"one embedding per frame ({full} latent frames)",
                              got=f"{total} frames of embeds")
-    if len(idx) != batch:
-        raise NodeInputError(NODE_APPLY, "embeds", f"a context window of {batch} latents",
-                             got=f"{len(idx)} window indices")
     if max(idx) >= total:
         raise NodeInputError(NODE_APPLY, "embeds", f"embeds covering frame {max(idx)} of the context window",
                              got=f"{total} frames of embeds")
@@ -365,6 +413,27 @@ def project_embeds(adapter: IPAdapterModel, embeds: torch.Tensor, input_name: st
     return torch.cat(outs, dim=0)
 
 
+def check_frame_counts(executor, noise, *args, **kwargs):
+    """OUTER_SAMPLE wrapper of a per-frame model: every conditioning has one row per latent frame, or one row.
+
+    ComfyUI repeats or cuts conditioning rows to the latent batch without a word (``repeat_to_batch_size``),
+    which would shift every frame's prompt; raises NodeInputError on the sampler's conditioning input instead.
+    """
+    from ..errors import NodeInputError
+
+    frames = noise.shape[0]
+    for name, conds in executor.class_obj.conds.items():
+        for cond in conds:
+            rows = cond["cross_attn"].shape[0] if cond.get("cross_attn") is not None else 1
+            if rows not in (1, frames):
+                raise NodeInputError(
+                    "KSampler", name, f"one conditioning row per latent frame ({frames} latent frames) or one row "
+                    f"for every frame, since the model is patched per frame by {NODE_APPLY}",
+                    got=f"{rows} rows, which ComfyUI would repeat or cut silently. Use SDN_ConditioningTransition's "
+                        f"frame_count as the latent batch size (same frames_per_transition as SDN_TransitionEmbeds)")
+    return executor(noise, *args, **kwargs)
+
+
 def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tensor, negative=None,
                      weight: float = 1.0, start_percent: float = 0.0, end_percent: float = 1.0):
     """A patched clone of ``model_patcher``: every cross-attention block gets an :class:`IPAdapterAttn2`.
@@ -373,8 +442,12 @@ def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tenso
     Frame f of the latent batch (of the full video under context windows) uses embeds[f]. An attn2 replace
     patch already on a block (another adapter, another SDN_ApplyTransitionEmbeds) is kept and chained:
     its output replaces the plain text attention, and this adapter's image attention is added to it.
-    Raises NodeInputError when the adapter does not fit the UNet (layer count, widths) or the embeds.
+    Sampling with it refuses conditionings whose rows are neither 1 nor the latent frame count
+    (:func:`check_frame_counts`). Raises NodeInputError when the adapter does not fit the UNet (layer count,
+    widths) or the embeds, UnsupportedModelError for models other than image UNets.
     """
+    from comfy.patcher_extension import WrappersMP
+
     from ..errors import NodeInputError
 
     blocks = cross_attention_blocks(model_patcher)
@@ -399,4 +472,6 @@ def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tenso
     for (key, _), (k_w, v_w) in zip(blocks, adapter.layers):
         base = existing.get(key, existing.get(key[:2]))
         m.set_model_attn2_replace(IPAdapterAttn2(pos, neg, k_w, v_w, weight, sigma_range, base), *key)
+    m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, "sdn_frame_counts")  # once, however many adapters
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "sdn_frame_counts", check_frame_counts)
     return m

@@ -37,9 +37,9 @@ class RecordCharacterBank(io.ComfyNode):
                     "Where the bank lives: CPU memory (moved to the GPU one step at a time while reading), or "
                     "the compute device (faster, costs GPU memory).")),
             ],
-            outputs=[io.Model.Output("recording_model", display_name="model",
+            outputs=[io.Model.Output("recording_model", display_name="recording model",
                                      tooltip="Sample the reference panels with this model."),
-                     RECORDER.Output("recorder", tooltip="Connect to Character Bank together with the samples.")])
+                     RECORDER.Output("recorder", display_name="recorder", tooltip="Connect to Character Bank together with the samples.")])
 
     @classmethod
     def execute(cls, model, storage_dtype, storage_device):
@@ -72,7 +72,8 @@ class CharacterBankNode(io.ComfyNode):
                                 tooltip="Saved with the bank. Empty: taken from the story."),
                 STORY.Input("story", optional=True, tooltip="The story, to check the name and fill the description."),
             ],
-            outputs=[BANK.Output("bank"), io.String.Output("info", tooltip="What the bank holds and its size.")])
+            outputs=[BANK.Output("bank", display_name="bank"),
+                     io.String.Output("info", display_name="info", tooltip="What the bank holds and its size.")])
 
     @classmethod
     def execute(cls, recorder, samples, name, description="", story=None):
@@ -109,7 +110,7 @@ class SaveCharacterBank(io.ComfyNode):
                     io.String.Input("file_name", default="", tooltip=(
                         "File name without extension (empty: the character's name). An existing file is never "
                         "overwritten: a number is appended."))],
-            outputs=[io.String.Output("path", tooltip="The written file.")])
+            outputs=[io.String.Output("path", display_name="path", tooltip="The written file.")])
 
     @classmethod
     def execute(cls, bank, file_name):
@@ -118,11 +119,13 @@ class SaveCharacterBank(io.ComfyNode):
         _register_folder()
         stem = "".join(ch for ch in (file_name.strip() or bank.name) if ch.isalnum() or ch in " _-.").strip() or "character"
         folder = Path(folder_paths.get_folder_paths(FOLDER)[0])
-        folder.mkdir(parents=True, exist_ok=True)
         path, n = folder / f"{stem}.safetensors", 1
-        while path.exists():
-            path, n = folder / f"{stem}_{n:03d}.safetensors", n + 1
-        bank.save(path)
+        while True:
+            try:
+                bank.save(path)  # never replaces a file: the next free number is taken
+                break
+            except FileExistsError:
+                path, n = folder / f"{stem}_{n:03d}.safetensors", n + 1
         return io.NodeOutput(str(path), ui={"text": [f"saved {bank.summary()} to {path}"]})
 
 
@@ -139,7 +142,7 @@ class LoadCharacterBank(io.ComfyNode):
             category="StoryDiffusion/characters", description=cls.__doc__,
             inputs=[io.Combo.Input("bank_name", options=folder_paths.get_filename_list(FOLDER),
                                    tooltip="A .safetensors file in models/sdn_characters.")],
-            outputs=[BANK.Output("bank"), io.String.Output("info")])
+            outputs=[BANK.Output("bank", display_name="bank"), io.String.Output("info", display_name="info")])
 
     @classmethod
     def execute(cls, bank_name):
@@ -180,22 +183,28 @@ class ReadCharacterBanks(io.ComfyNode):
                     "Panels of one batch also share among themselves with Consistent Self-Attention "
                     "(needs a CSA-patched model).")),
             ],
-            outputs=[io.Model.Output(tooltip="Sample the panels with this model (same steps, scheduler and size as "
+            outputs=[io.Model.Output(display_name="bank-reading model", tooltip="Sample the panels with this model (same steps, scheduler and size as "
                                              "the recording).")])
 
     @classmethod
     def execute(cls, model, bank, share_within_batch, bank_2=None, bank_3=None, bank_4=None, story=None):
         node = "SDN_ReadCharacterBanks"
-        banks = tuple(b for b in (bank, bank_2, bank_3, bank_4) if b is not None)
-        names = [b.name for b in banks]
-        if len(set(names)) != len(names):
-            raise NodeInputError(node, "bank_2", "banks of different characters", got=f"names {names}")
+        connected = [(label, b) for label, b in zip(("bank", "bank_2", "bank_3", "bank_4"),
+                                                     (bank, bank_2, bank_3, bank_4)) if b is not None]
+        first_with = {}
+        for label, b in connected:
+            if b.name in first_with:
+                raise NodeInputError(node, label, "banks of different characters",
+                                     got=f"'{first_with[b.name]}' and '{label}' both hold {b.name!r}")
+            first_with[b.name] = label
         fingerprint = model_fingerprint(model)
-        for label, b in zip(("bank", "bank_2", "bank_3", "bank_4"), banks):
+        for label, b in connected:
             if b.fingerprint != fingerprint:
                 raise NodeInputError(node, label, (
-                    f"a bank recorded with this model (checkpoint and LoRAs); '{b.name}' was recorded with "
+                    f"a bank recorded with this model (checkpoint and LoRAs); {b.name!r} was recorded with "
                     "another one"))
+        banks = tuple(b for _, b in connected)
+        names = [b.name for b in banks]
         if share_within_batch and csa_settings_of(model) is None:
             raise NodeInputError(node, "share_within_batch", "a model patched by SDN_ConsistentSelfAttention "
                                  "when panels share within the batch")

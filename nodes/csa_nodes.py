@@ -47,7 +47,7 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "images around it in the batch, so the extra keys per image stay bounded in long batches. "
                     "Only with reference_count 0.")),
             ],
-            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+            outputs=[io.Model.Output(display_name="CSA model", tooltip="A patched clone; the input model is unchanged.")],
         )
 
     @classmethod

@@ -44,7 +44,7 @@ class MotionPredictorLoader(io.ComfyNode):
                     "CLIP vision model you encode the keyframes with (ViT-H penultimate tokens or image embeds).")),
             ],
             outputs=[MOTION_PREDICTOR.Output(
-                "predictor", tooltip="The predictor module (on the CPU; the node using it moves it to the device).")],
+                "predictor", display_name="predictor", tooltip="The predictor module (on the CPU; the node using it moves it to the device).")],
         )
 
     @classmethod
@@ -53,7 +53,11 @@ class MotionPredictorLoader(io.ComfyNode):
         if path is None:
             raise NodeInputError("SDN_MotionPredictorLoader", "predictor_name",
                                  f"a file in {folder_paths.get_folder_paths(FOLDER)}", got=repr(predictor_name))
-        return io.NodeOutput(load_predictor(path, device="cpu"))
+        try:
+            return io.NodeOutput(load_predictor(path, device="cpu"))
+        except MotionPredictorFileError as e:
+            raise NodeInputError("SDN_MotionPredictorLoader", "predictor_name", "a motion predictor file",
+                                 got=str(e)) from e
 
 
 class MotionPredictorInfo(io.ComfyNode):
@@ -67,7 +71,7 @@ class MotionPredictorInfo(io.ComfyNode):
             category="StoryDiffusion/video",
             description=cls.__doc__,
             inputs=[MOTION_PREDICTOR.Input("predictor", tooltip="From Load Motion Predictor.")],
-            outputs=[io.String.Output("info", tooltip="The predictor's architecture config as JSON text.")],
+            outputs=[io.String.Output("info", display_name="info", tooltip="The predictor's architecture config as JSON text.")],
             is_output_node=True,
         )
 

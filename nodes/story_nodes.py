@@ -58,11 +58,11 @@ class StoryPrompt(io.ComfyNode):
                                 tooltip="Negative prompt shared by all panels (the style's negatives are appended)."),
             ],
             outputs=[
-                io.Conditioning.Output("positive", tooltip="One entry with a batch of panel_count rows (row i = panel i), "
+                io.Conditioning.Output("positive", display_name="positive", tooltip="One entry with a batch of panel_count rows (row i = panel i), "
                                        "all padded to the same token length; pooled_output per panel when the CLIP has one."),
                 io.Conditioning.Output("negative_conditioning", display_name="negative", tooltip="Negative conditioning (batch 1) with the style's negatives."),
-                io.Int.Output("panel_count", tooltip="Number of panels: use as the batch_size of the empty latent."),
-                io.String.Output("captions", tooltip="One line per panel (empty line for a panel without caption), "
+                io.Int.Output("panel_count", display_name="panel_count", tooltip="Number of panels: use as the batch_size of the empty latent."),
+                io.String.Output("captions", display_name="captions", tooltip="One line per panel (empty line for a panel without caption), "
                                  "for SDN_ComicLayout."),
                 StoryType.Output("parsed_story", display_name="story", tooltip="The parsed story (characters, panels, who appears where) for "
                                  "nodes that route characters per panel."),
@@ -90,7 +90,7 @@ class ComicLayout(io.ComfyNode):
             category="StoryDiffusion/story",
             description="Arranges a batch of panel images on pages of equal size (grid, four panel, classic rows "
                         "of 1-2-3 panels, strip). Panels are center-cropped to their cells; captions are drawn in "
-                        "a translucent box at the panel bottom.",
+                        "a translucent box at the panel bottom, in a font that has their characters.",
             inputs=[
                 io.Image.Input("images", tooltip="Panel images in story order (a batch; any size)."),
                 io.Combo.Input("layout", options=list(LAYOUTS), default="classic",
@@ -117,12 +117,14 @@ class ComicLayout(io.ComfyNode):
                              tooltip="Caption font size in pixels (shrunk automatically if a caption would "
                                      "cover more than half its panel)."),
                 io.String.Input("font_path", default="", optional=True,
-                                tooltip="Path to a .ttf/.otf font for captions; empty = Pillow's built-in font."),
+                                tooltip="Path to a .ttf/.otf/.ttc font for captions. Empty, or for characters this "
+                                        "font lacks: Pillow's built-in font, else an installed font that has them."),
                 io.String.Input("captions", default="", multiline=True, optional=True,
                                 tooltip="One caption per line, line i for panel i (connect SDN_StoryPrompt's "
-                                        "captions); empty lines mean no caption."),
+                                        "captions); empty lines mean no caption. Any script: CJK, Hebrew and "
+                                        "Arabic (right to left) included; characters no font has are an error."),
             ],
-            outputs=[io.Image.Output("pages", tooltip="The pages, all page_width x page_height.")],
+            outputs=[io.Image.Output("pages", display_name="pages", tooltip="The pages, all page_width x page_height.")],
         )
 
     @classmethod
@@ -208,7 +210,7 @@ class StoryBatches(io.ComfyNode):
             ],
             outputs=[
                 io.Conditioning.Output("batch_positive", display_name="positive", is_output_list=True, tooltip="Per batch: its rows of the conditioning."),
-                io.Latent.Output("latent", display_name="latent", is_output_list=True, tooltip="Per batch: an empty latent with one image per panel."),
+                io.Latent.Output("latent", display_name="empty latent", is_output_list=True, tooltip="Per batch: an empty latent with one image per panel."),
                 StoryType.Output("batch_story", display_name="story", is_output_list=True, tooltip="Per batch: its panels (connect to Read Character "
                                  "Banks' story and to Merge Panels)."),
                 io.Int.Output("panel_count", display_name="panel_count", is_output_list=True, tooltip="Per batch: its number of panels."),

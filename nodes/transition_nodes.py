@@ -56,14 +56,14 @@ class TransitionEmbeds(io.ComfyNode):
                                                "Without it: plain interpolation."),
             ],
             outputs=[
-                EMBEDS.Output("embeds", tooltip="Per-frame embeddings: (frames, 257, 1280) or (frames, 1024)."),
-                EMBEDS.Output("negative_embeds", tooltip="Same shape: encoding of a black image "
+                EMBEDS.Output("embeds", display_name="frame embeds", tooltip="Per-frame embeddings: (frames, 257, 1280) or (frames, 1024)."),
+                EMBEDS.Output("negative_embeds", display_name="negative embeds", tooltip="Same shape: encoding of a black image "
                               "(penultimate kind) or zeros (image_embeds kind)."),
-                io.ClipVisionOutput.Output("clip_vision_output",
+                io.ClipVisionOutput.Output("clip_vision_output", display_name="vision output per frame",
                                            tooltip="Per-frame image_embeds, penultimate_hidden_states and "
                                                    "last_hidden_state (the chosen kind = embeds; the others "
                                                    "interpolated from the keyframes)."),
-                io.Int.Output("frame_count", tooltip="Frames: (K-1)*(L-1)+1. Use it as the latent batch size."),
+                io.Int.Output("frame_count", display_name="frame_count", tooltip="Frames: (K-1)*(L-1)+1. Use it as the latent batch size."),
             ],
         )
 
@@ -91,21 +91,19 @@ class IPAdapterLoader(io.ComfyNode):
                 io.Combo.Input("ipadapter_name", options=ipadapter_files(),
                                tooltip="File in the ComfyUI model folder 'ipadapter'."),
             ],
-            outputs=[IPADAPTER.Output("ipadapter", tooltip="The parsed IP-Adapter (CPU).")],
+            outputs=[IPADAPTER.Output("ipadapter", display_name="ipadapter", tooltip="The parsed IP-Adapter (CPU).")],
         )
 
     @classmethod
     def execute(cls, ipadapter_name) -> io.NodeOutput:
-        import comfy.utils
         import folder_paths
-        from ..motion.ip_adapter import parse_state_dict
+        from ..motion.ip_adapter import load_ip_adapter
 
         path = folder_paths.get_full_path("ipadapter", ipadapter_name)
         if path is None:
             raise NodeInputError("SDN_IPAdapterLoader", "ipadapter_name", "a file in models/ipadapter",
                                  got=repr(ipadapter_name))
-        sd = comfy.utils.load_torch_file(path, safe_load=True)
-        return io.NodeOutput(parse_state_dict(sd, source=ipadapter_name))
+        return io.NodeOutput(load_ip_adapter(path, source=ipadapter_name))
 
 
 class ApplyTransitionEmbeds(io.ComfyNode):
@@ -131,7 +129,7 @@ class ApplyTransitionEmbeds(io.ComfyNode):
                 EMBEDS.Input("negative_embeds", optional=True,
                              tooltip="Embeds for the negative (uncond) rows; same shape. Default: zeros."),
             ],
-            outputs=[io.Model.Output(tooltip="A patched clone of the model.")],
+            outputs=[io.Model.Output(display_name="model with embeds", tooltip="A patched clone of the model.")],
         )
 
     @classmethod
@@ -170,19 +168,26 @@ class ConditioningTransition(io.ComfyNode):
                                tooltip="linear or slerp (per token, norm interpolated linearly)."),
                 io.Conditioning.Input("end", optional=True,
                                       tooltip="Optional: further keyframe prompt(s) appended after 'keyframes'."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Optional: the latent this conditioning will be sampled with. Its batch must "
+                                        "equal frame_count (otherwise ComfyUI repeats or cuts the rows silently)."),
             ],
             outputs=[
-                io.Conditioning.Output("conditioning", tooltip="One entry, dim 0 = frames (SDXL: pooled_output "
+                io.Conditioning.Output("conditioning", display_name="frame conditioning", tooltip="One entry, dim 0 = frames (SDXL: pooled_output "
                                        "(frames, 1280))."),
-                io.Int.Output("frame_count", tooltip="Frames: (K-1)*(L-1)+1."),
+                io.Int.Output("frame_count", display_name="frame_count", tooltip="Frames: (K-1)*(L-1)+1."),
             ],
         )
 
     @classmethod
-    def execute(cls, keyframes, frames_per_transition, interpolation, end=None) -> io.NodeOutput:
+    def execute(cls, keyframes, frames_per_transition, interpolation, end=None, latent=None) -> io.NodeOutput:
         from ..motion.frame_conditioning import conditioning_transition
 
         cond, frames = conditioning_transition([keyframes, end], frames_per_transition, interpolation)
+        if latent is not None and latent["samples"].shape[0] != frames:
+            raise NodeInputError("SDN_ConditioningTransition", "latent",
+                                 f"a latent batch of {frames} frames ((keyframes - 1) x (frames_per_transition - 1) "
+                                 f"+ 1, this conditioning's rows)", got=f"a batch of {latent['samples'].shape[0]}")
         return io.NodeOutput(cond, frames)
 
 

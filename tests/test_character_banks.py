@@ -245,3 +245,115 @@ def test_fingerprint_ignores_weights_patched_in_place_by_sampling(api, sd15):
     sample(lora_like, 2, steps=1)
     assert bank_mod.model_fingerprint(lora_like) == before
     assert bank_mod.model_fingerprint(sd15) != before
+
+
+def with_lora(model, seed, strength=1.0, rank=4):
+    """LoraLoader's path: a LoRA (kohya key names, random weights) through comfy.sd.load_lora_for_models."""
+    import comfy.lora
+    import comfy.sd
+
+    sd = model.model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, key in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if name.startswith("lora_unet_") and key.endswith(("attn1.to_k.weight", "attn1.to_v.weight")):
+            out_features, in_features = sd[key].shape
+            lora[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=gen) * 0.05
+            lora[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=gen) * 0.05
+            lora[f"{name}.alpha"] = torch.tensor(float(rank))
+    return comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)[0]
+
+
+def test_bank_recorded_under_one_lora_is_refused_under_another(api, pack, sd15, host):
+    import comfy.model_management
+
+    node = host.node_class("SDN_ReadCharacterBanks")
+    errors = pack("errors")
+    bank, _ = record(api, with_lora(sd15, seed=1), pack)
+    # another LoRA with the same keys and strength: refused
+    with pytest.raises(errors.NodeInputError, match="recorded with another one"):
+        node.execute(with_lora(sd15, seed=2), bank, False)
+    # the same LoRA loaded again (new tensors, same content): accepted, whether or not ComfyUI has applied its
+    # weights in place (originals in the patcher's backup) or left them to be applied later
+    again = with_lora(sd15, seed=1)
+    comfy.model_management.unload_all_models()
+    assert not again.backup
+    assert node.execute(again, bank, False)
+    comfy.model_management.load_models_gpu([again])
+    assert again.backup and again.model.current_weight_patches_uuid == again.patches_uuid
+    assert node.execute(again, bank, False)
+    with pytest.raises(errors.NodeInputError, match="recorded with another one"):
+        node.execute(with_lora(sd15, seed=2), bank, False)
+
+
+@pytest.mark.parametrize("form", ["tensor", "diff", "lora"])
+def test_fingerprint_covers_the_content_of_every_patch_form(api, sd15, form):
+    # ComfyUI's weight patch data: a bare tensor, ("diff", (tensor,)), ("lora", (up, down, alpha, ...)) on
+    # older hosts (weight adapter objects with .weights on current ones: the LoRA loader test above).
+    bank_mod, _ = api
+    key = next(k for k in sd15.model.state_dict() if k.endswith("attn1.to_v.weight"))
+    shape = sd15.model.state_dict()[key].shape
+
+    def patched(seed):
+        gen = torch.Generator().manual_seed(seed)
+        up, down = torch.randn(shape[0], 2, generator=gen), torch.randn(2, shape[1], generator=gen)
+        data = {"tensor": (up @ down,), "diff": ("diff", (up @ down,)),
+                "lora": ("lora", (up, down, 2.0, None, None, None))}[form]
+        m = sd15.clone()
+        m.add_patches({key: data}, 0.5)
+        return m
+    fingerprint = bank_mod.model_fingerprint
+    assert fingerprint(patched(1)) == fingerprint(patched(1)) != fingerprint(patched(2))
+
+
+def test_recording_and_reading_with_current_comfyui_clone(api, pack, sd15, monkeypatch):
+    # ComfyUI since Feb 2026: ModelPatcher.clone() copies the dicts and lists of model_options and shares every
+    # other object (patch objects included) instead of deep-copying them. Banks and CSA must not depend on either.
+    import copy
+    import types
+
+    import comfy.model_patcher
+
+    def dicts_and_lists(value):
+        if isinstance(value, dict):
+            return {k: dicts_and_lists(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [dicts_and_lists(v) for v in value]
+        return value
+    bank, out = record(api, sd15, pack, steps=2)
+    _, patch = api
+    read = sample(patch.apply_reading(sd15, patch.BankReader((bank,))), 2)
+    if hasattr(comfy.model_patcher, "copy"):  # a host whose clone deep-copies (0.3.75): make it share
+        monkeypatch.setattr(comfy.model_patcher, "copy",
+                            types.SimpleNamespace(deepcopy=dicts_and_lists, copy=copy.copy))
+    shared_bank, shared_out = record(api, sd15, pack, steps=2)
+    assert torch.equal(shared_out, out) and shared_bank.entries.keys() == bank.entries.keys()
+    assert all(torch.equal(shared_bank.entries[k][0], bank.entries[k][0]) for k in bank.entries)
+    assert torch.equal(sample(patch.apply_reading(sd15, patch.BankReader((shared_bank,))), 2), read)
+
+
+def test_read_node_names_the_inputs_that_collide(api, pack, sd15, host):
+    node = host.node_class("SDN_ReadCharacterBanks")
+    errors = pack("errors")
+    mira, _ = record(api, sd15, pack, name="Mira")
+    bo, _ = record(api, sd15, pack, positive_seed=1, name="Bo")
+    again, _ = record(api, sd15, pack, positive_seed=2, name="Mira")
+    with pytest.raises(errors.NodeInputError) as info:
+        node.execute(sd15, mira, False, bank_2=bo, bank_3=again)
+    assert info.value.input_name == "bank_3"
+    assert "'bank' and 'bank_3'" in str(info.value) and "'Mira'" in str(info.value)
+    # a gap among the optional inputs: the foreign bank is the one in bank_3, not the second connected one
+    foreign, _ = record(api, small_unet("sd15", seed=1), pack, name="Zed\u200b")
+    with pytest.raises(errors.NodeInputError) as info:
+        node.execute(sd15, mira, False, bank_3=foreign)
+    assert info.value.input_name == "bank_3" and r"'Zed\u200b'" in str(info.value)
+
+
+def test_bank_of_another_architecture_is_refused_when_read(api, pack, sd15):
+    # An SD1.5 bank read by an SDXL model: layers such as output.9.0 do not exist there; reading used to
+    # silently leave them out.
+    bank_mod, patch = api
+    bank, _ = record(api, sd15, pack)
+    with pytest.raises(bank_mod.BankMismatchError,
+                       match=r"SDN_ReadCharacterBanks: .*layer output\.\d+\.0, which this model does not have"):
+        patch.apply_reading(small_unet("sdxl"), patch.BankReader((bank,)))

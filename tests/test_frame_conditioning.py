@@ -83,3 +83,28 @@ def test_bad_inputs(fc, errors):
 
 # The node itself with CLIPTextEncode outputs of 77 and 154 tokens runs in test_transition_workflows.py
 # (transition_video.json's end prompt is longer than 77 tokens).
+
+
+def transition_prompt(batch):
+    transition = {"keyframes": ["2", 0], "end": ["3", 0], "frames_per_transition": 3, "interpolation": "linear",
+                  "latent": ["4", 0]}
+    return {
+        "1": {"class_type": "SDNTest_TinyCheckpoint", "inputs": {"kind": "sd15", "seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a lighthouse at dawn"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a lighthouse at night"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "5": {"class_type": "SDN_ConditioningTransition", "inputs": transition},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
+    }
+
+
+def test_latent_of_another_frame_count_is_refused_through_the_executor(host):
+    # ComfyUI would repeat or cut conditioning rows to the latent batch silently: a connected latent must match.
+    import sdn_host
+
+    with pytest.raises(sdn_host.WorkflowError, match=r"SDN_ConditioningTransition: input 'latent': "
+                                                     r"expected a latent batch of 3 frames.*got a batch of 4"):
+        host.run(transition_prompt(4))
+    res = host.run(transition_prompt(3))
+    assert res.node_output("5", 1) == 3 and res.node_output("5", 0)[0][0].shape[0] == 3
+    # without it (saved workflows) the node runs as before: test_transition_workflows.py

@@ -260,12 +260,12 @@ def test_cond_uncond_routing(ipmod, unet, small_plus, latents, embeds):
 
 
 def test_context_windows_slice_embeds(ipmod, unet, small_plus, latents, embeds, errors_mod):
-    import comfy.context_windows as cw
+    from sampling_helpers import core_context_window
 
     m = ipmod.apply_ip_adapter(unet, small_plus, embeds)
     full = run_unet(m, latents)
     window = [1, 3]
-    core = run_unet(m, latents[window], extra={"context_window": cw.IndexListContextWindow(window)})
+    core = run_unet(m, latents[window], extra={"context_window": core_context_window(window, F)})
     torch.testing.assert_close(core, full[window], rtol=1e-4, atol=1e-5)
     ad = {"ad_params": {"full_length": F, "context_length": 2, "sub_idxs": [0, 2]}}
     out = run_unet(m, latents[[0, 2]], cond_or_uncond=(1, 0), extra=ad)
@@ -329,3 +329,70 @@ def test_loader_node_reads_bin_and_safetensors(host, pack, ipmod):
         assert ad.kind == kind and len(ad.layers) == 16
         k_ref = (plain["ip_adapter"]["1.to_k_ip.weight"] if kind == "plain" else plus["ip_adapter.1.to_k_ip.weight"])
         assert torch.equal(ad.layers[0][0], k_ref.float())
+
+
+def windowed(model, index_list, anchor=None):
+    """A clone whose model calls carry a core context window of a 6-frame video (current ComfyUI's shape when
+    ``anchor`` is set)."""
+    from sampling_helpers import core_context_window
+
+    m = model.clone()
+    window = core_context_window(index_list, total_frames=6)
+    if anchor is not None:
+        window.causal_anchor_index = anchor
+    m.model_options["transformer_options"]["context_window"] = window
+    return m
+
+
+def test_causal_anchor_window_through_the_sampler(ipmod, unet, small_plus):
+    # Current ComfyUI puts the frame before a window in front of it (rows = [anchor] + index_list): a window
+    # of frames 3..5 with anchor 2 must read embeds 2..5, as a plain window over frames 2..5 does.
+    from sampling_helpers import sample
+
+    video = torch.randn(6, 10, 48, generator=torch.Generator().manual_seed(13))
+    m = ipmod.apply_ip_adapter(unet, small_plus, video)
+    out = sample(windowed(m, [3, 4, 5], anchor=2), 4, steps=1)
+    torch.testing.assert_close(out, sample(windowed(m, [2, 3, 4, 5]), 4, steps=1))
+    assert not torch.allclose(out, sample(windowed(m, [0, 1, 2, 3]), 4, steps=1))
+
+
+def test_per_frame_conditioning_must_match_the_latent_batch(ipmod, unet, small_plus, embeds, errors_mod):
+    # ComfyUI repeats or cuts conditioning rows to the latent batch without a word; a per-frame model refuses.
+    from sampling_helpers import sample
+
+    m = ipmod.apply_ip_adapter(unet, small_plus, embeds)
+    gen = torch.Generator().manual_seed(14)
+    with pytest.raises(errors_mod.NodeInputError, match=r"'positive'.*4 latent frames.*got 3 rows"):
+        sample(m, F, steps=1, positive=[[torch.randn(3, 77, 64, generator=gen), {}]])
+    with pytest.raises(errors_mod.NodeInputError, match=r"'positive'.*4 latent frames.*got 5 rows"):
+        sample(m, F, steps=1, positive=[[torch.randn(5, 77, 64, generator=gen), {}]])
+    sample(m, F, steps=1, positive=[[torch.randn(1, 77, 64, generator=gen), {}]])  # one row for every frame
+    sample(m, F, steps=1)  # one row per frame
+
+
+def test_video_unet_is_refused(ipmod, errors_mod):
+    # Stable Video Diffusion's UNet (spatial + temporal transformers) is not what the adapters were made for,
+    # even with an adapter whose layers fit its cross-attention widths.
+    from models import small_svd
+
+    svd = small_svd()
+    dm = svd.model.diffusion_model
+    inner = [tb.attn2.to_k.weight.shape[0] for blocks in (dm.input_blocks, dm.output_blocks, [dm.middle_block])
+             for block in blocks for layer in block for tb in getattr(layer, "transformer_blocks", [])]
+    adapter = ipmod.parse_state_dict(make_ip_state_dict("plus", inner, cross=64, clip_dim=48, tokens=8, depth=1))
+    with pytest.raises(errors_mod.UnsupportedModelError, match=r"SDN_ApplyTransitionEmbeds: input 'model'.*temporal"):
+        ipmod.apply_ip_adapter(svd, adapter, torch.randn(F, 10, 48))
+
+
+def test_embeds_of_another_length_than_a_core_windowed_video(ipmod, unet, small_plus, latents, embeds, errors_mod):
+    # Current ComfyUI's windows know the video length: 4 embeds for an 8-frame video are refused, not half used.
+    from sampling_helpers import core_context_window
+
+    m = ipmod.apply_ip_adapter(unet, small_plus, embeds)
+    window = core_context_window([1, 2, 3], total_frames=8)
+    window.causal_anchor_index, window.total_frames = 0, 8  # total_frames: also on 0.3.75's window
+    with pytest.raises(errors_mod.NodeInputError, match="8 latent frames"):
+        run_unet(m, latents, extra={"context_window": window})
+    window.total_frames = F
+    torch.testing.assert_close(run_unet(m, latents, extra={"context_window": window}), run_unet(m, latents),
+                               rtol=1e-4, atol=1e-5)
