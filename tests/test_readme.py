@@ -87,3 +87,58 @@ def test_no_module_state_changes_when_a_workflow_runs(host):
     after = _module_state(host)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"module-level state changed by a run: {changed}"
+
+
+def _small_sd2(scale=0.05):
+    """SD2.x's real layout (linear transformer projections, 64-channel heads: SD20's own extra config), with one
+    res block per level and small widths."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import torch
+    from models import init_weights_
+
+    cfg = sm.SD20({"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+                   "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 64,
+                   "num_res_blocks": [1, 1, 1, 1], "transformer_depth": [1, 1, 1, 0],
+                   "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+                   "context_dim": 64, "use_temporal_attention": False,
+                   "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0], "dtype": torch.float32})
+    model = cfg.get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, scale=scale)
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+def _small_flux():
+    """Flux.1's real block layout (double and single stream blocks), tiny widths."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import torch
+
+    cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32,
+                   "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+                   "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+                   "guidance_embed": True, "dtype": torch.float32})
+    return comfy.model_patcher.ModelPatcher(cfg.get_model({}, device=torch.device("cpu")), torch.device("cpu"),
+                                            torch.device("cpu"))
+
+
+def test_accepted_model_families_are_the_readme_ones(host, pack):
+    """README: CSA works on SD1.x, SD2.x and SDXL (oracle-exact, through the sampler); DiTs such as Flux and
+    video UNets (SVD) are refused with a clear error."""
+    import pytest
+    import torch
+    from models import small_svd, small_unet
+    from sampling_helpers import close, csa_model, sample, with_oracle
+
+    readme = (REPO / "README.md").read_text()
+    assert "SD1.x, SD2.x, SDXL" in readme and "refused" in readme
+    errors = pack("errors")
+    for kind, model in (("sd15", small_unet("sd15", scale=0.05)), ("sd2", _small_sd2()),
+                        ("sdxl", small_unet("sdxl", scale=0.05))):
+        sample_kind = "sdxl" if kind == "sdxl" else "sd15"
+        csa = sample(csa_model(pack, model), 2, kind=sample_kind)
+        close(csa, sample(with_oracle(model), 2, kind=sample_kind))
+        assert (csa - sample(model, 2, kind=sample_kind)).abs().max() > 1e-3, f"{kind}: CSA changed nothing"
+    for name, model in (("Flux", _small_flux()), ("SVD", small_svd())):
+        with pytest.raises(errors.UnsupportedModelError, match="SDN_ConsistentSelfAttention"):
+            csa_model(pack, model)
