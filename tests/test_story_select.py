@@ -219,7 +219,7 @@ def test_panels_batches_merge_through_host(host):
     ref_cond = result.node_output("ref", 0)
     assert torch.equal(ref_cond[0][0], full[0][0][1:2])
     assert result.node_output("ref", 3) == "s1"
-    batches = result.executor.caches.outputs.get("bt").outputs  # list outputs: every item
+    batches = result.node_items("bt")  # list outputs: every item
     assert batches[3] == [3, 1]
     assert [[p.index for p in s.panels] for s in batches[2]] == [[0, 2, 3], [4]]
     assert [tuple(l["samples"].shape) for l in batches[1]] == [(3, 4, 4, 8), (1, 4, 4, 8)]
