@@ -128,6 +128,19 @@ def load_predictor(path, device=None, dtype=None) -> SemanticMotionPredictor:
     return predictor
 
 
+def predictor_in(payload, node: str) -> SemanticMotionPredictor:
+    """The predictor inside an ``SDN_MOTION_PREDICTOR`` payload: the ModelPatcher SDN_MotionPredictorLoader makes
+    (``motion.managed.module_patcher``). Raises NodeInputError naming ``node`` and its input ``predictor`` for
+    anything else."""
+    from ..errors import NodeInputError
+
+    module = getattr(payload, "model", None)
+    if not isinstance(module, SemanticMotionPredictor):
+        raise NodeInputError(node, "predictor", "an SDN_MOTION_PREDICTOR (SDN_MotionPredictorLoader)",
+                             got=type(payload).__name__)
+    return module
+
+
 def _check_shapes(path, expected: dict, found: dict) -> None:
     """Refuse a file whose tensor names/shapes differ from the config's (``name -> shape`` dicts)."""
     missing = sorted(set(expected) - set(found))

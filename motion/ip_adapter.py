@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .managed import module_patcher
+
 NODE_APPLY = "SDN_ApplyTransitionEmbeds"
 NODE_LOAD = "SDN_IPAdapterLoader"
 
@@ -108,18 +110,40 @@ class ResamplerImageProj(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # checkpoint parsing
 
+class IPAdapterWeights(nn.Module):
+    """Every weight of an IP-Adapter in one module, the one its ModelPatcher manages: ``image_proj`` and, per
+    cross-attention layer i in checkpoint order, ``to_k_ip[i]`` / ``to_v_ip[i]`` (Linear cross_dim -> inner,
+    no bias)."""
+
+    def __init__(self, image_proj: nn.Module, inner_dims: list[int], cross_dim: int):
+        super().__init__()
+        self.image_proj = image_proj
+        self.to_k_ip = nn.ModuleList(nn.Linear(cross_dim, n, bias=False) for n in inner_dims)
+        self.to_v_ip = nn.ModuleList(nn.Linear(cross_dim, n, bias=False) for n in inner_dims)
+
+
 @dataclass
 class IPAdapterModel:
-    """A parsed IP-Adapter: ``kind`` "plain" | "plus", ``image_proj`` module (CPU, eval),
-    ``layers`` list of ``(to_k_ip weight, to_v_ip weight)`` in checkpoint order, each (inner, cross_dim),
-    ``clip_dim`` (input width: 1024 plain / 1280 plus for ViT-H), ``cross_dim`` (768 for SD1.5),
-    ``tokens`` (image tokens per frame: 4 plain / 16 plus)."""
+    """A parsed IP-Adapter (the ``SDN_IPADAPTER`` payload): ``kind`` "plain" | "plus", ``patcher`` (a ModelPatcher
+    of its :class:`IPAdapterWeights`, eval, float32: ComfyUI's model management loads it), ``clip_dim`` (input
+    width: 1024 plain / 1280 plus for ViT-H), ``cross_dim`` (768 for SD1.5), ``tokens`` (image tokens per frame:
+    4 plain / 16 plus)."""
     kind: str
-    image_proj: nn.Module
-    layers: list
+    patcher: object
     clip_dim: int
     cross_dim: int
     tokens: int
+
+    @property
+    def image_proj(self) -> nn.Module:
+        return self.patcher.model.image_proj
+
+    @property
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(to_k_ip weight, to_v_ip weight)`` per cross-attention layer in checkpoint order, each
+        (inner, cross_dim)."""
+        w = self.patcher.model
+        return [(k.weight, v.weight) for k, v in zip(w.to_k_ip, w.to_v_ip)]
 
     @property
     def embeds_kind(self) -> str:
@@ -172,9 +196,10 @@ def load_ip_adapter(path: str, source: str) -> IPAdapterModel:
 def parse_state_dict(sd: dict, source: str = "ipadapter") -> IPAdapterModel:
     """Build an :class:`IPAdapterModel` from a checkpoint state dict; detects plain vs plus by keys.
 
-    The image projection is built on the ``meta`` device from the sizes of a few tensors and compared with
-    every tensor of the file before it takes the file's weights, so a file cannot make it allocate more
-    than it holds (tensor names claiming many resampler layers, say). Raises NodeInputError (node
+    The adapter's module (:class:`IPAdapterWeights`) is built on the ``meta`` device from the sizes of a few
+    tensors and compared with every tensor of the file before it takes the file's weights, so a file cannot make
+    it allocate more than it holds (tensor names claiming many resampler layers, say); it is handed to a
+    ModelPatcher (:func:`motion.managed.module_patcher`), not moved. Raises NodeInputError (node
     SDN_IPAdapterLoader, input ``ipadapter_name``, naming ``source``) for: not a dict of floating-point
     tensors, an unknown image projection (FaceID, "full" MLP, ...), missing/odd ip layers, inconsistent shapes.
     """
@@ -213,7 +238,7 @@ def parse_state_dict(sd: dict, source: str = "ipadapter") -> IPAdapterModel:
         if inner % 64:
             raise bad("perceiver attention widths that are multiples of 64 (IP-Adapter plus)", f"{inner}")
         with torch.device("meta"):
-            module = ResamplerImageProj(clip_dim, dim, out_dim, queries, depth, inner, ff_inner)
+            image_proj = ResamplerImageProj(clip_dim, dim, out_dim, queries, depth, inner, ff_inner)
         kind, cross_dim, tokens = "plus", out_dim, queries
     elif set(proj) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
         sizes(_PLAIN_SIZES, "plain")
@@ -222,34 +247,38 @@ def parse_state_dict(sd: dict, source: str = "ipadapter") -> IPAdapterModel:
         if total % cross_dim:
             raise bad("proj rows = tokens x norm width", f"{total} rows, norm {cross_dim}")
         with torch.device("meta"):
-            module = PlainImageProj(clip_dim, cross_dim, total // cross_dim)
+            image_proj = PlainImageProj(clip_dim, cross_dim, total // cross_dim)
         kind, tokens = "plain", total // cross_dim
     else:
         raise bad("plain ('proj', 'norm') or plus ('latents', 'proj_in', 'layers', ...) image_proj keys "
                   "(FaceID and MLP-projection variants are not supported)", f"keys {sorted(proj)[:6]}")
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in image_proj.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(proj)), sorted(set(proj) - set(expected))
     wrong = [f"{k} {tuple(proj[k].shape)} (expected {s})" for k, s in expected.items()
              if k in proj and tuple(proj[k].shape) != s]
     if missing or unexpected or wrong:
         raise bad(f"image_proj weights of the detected {kind} layout",
                   f"missing {missing[:4]}, unexpected {unexpected[:4]}, shapes {wrong[:4]}")
-    module.load_state_dict(proj, assign=True)
-    module.eval().requires_grad_(False)
 
     numbers = sorted({int(k.split(".")[0]) for k in ip if k.split(".")[0].isdecimal()})
-    layers = []
-    for n in numbers:
+    weights = {f"image_proj.{k}": v for k, v in proj.items()}
+    inner_dims = []
+    for i, n in enumerate(numbers):
         kk, vk = f"{n}.to_k_ip.weight", f"{n}.to_v_ip.weight"
         if kk not in ip or vk not in ip:
             raise bad(f"'{kk}' and '{vk}'", "one of them missing")
         k_w, v_w = ip[kk].float(), ip[vk].float()
         if k_w.shape != v_w.shape or k_w.ndim != 2 or k_w.shape[1] != cross_dim:
             raise bad(f"to_k_ip/to_v_ip of shape (inner, {cross_dim})", f"{tuple(k_w.shape)}, {tuple(v_w.shape)}")
-        layers.append((k_w, v_w))
+        weights[f"to_k_ip.{i}.weight"], weights[f"to_v_ip.{i}.weight"] = k_w, v_w
+        inner_dims.append(k_w.shape[0])
     if numbers != list(range(1, 2 * len(numbers), 2)):
         raise bad("ip layers numbered 1, 3, 5, ... (one per cross-attention)", f"{numbers[:6]}...")
-    return IPAdapterModel(kind, module, layers, clip_dim, cross_dim, tokens)
+    with torch.device("meta"):
+        module = IPAdapterWeights(image_proj, inner_dims, cross_dim)
+    module.load_state_dict(weights, assign=True)
+    module.eval().requires_grad_(False)
+    return IPAdapterModel(kind, module_patcher(module), clip_dim, cross_dim, tokens)
 
 
 def cross_attention_blocks(model_patcher) -> list[tuple[tuple[str, int, int], nn.Module]]:
@@ -309,14 +338,16 @@ def frame_indices(extra_options: dict, batch: int, total: int) -> list[int]:
 class IPAdapterAttn2:
     """One ``attn2`` replace patch: decoupled cross-attention with per-frame image tokens.
 
-    ``pos``/``neg``: projected image tokens (F, T, D_cross) for positive / negative chunks; ``k_w``/``v_w``:
-    this layer's to_k_ip/to_v_ip (inner, D_cross). ``sigma_range`` (high, low): active when
-    low <= sigma <= high. Immutable: ``to(device)`` returns a moved copy, ``deepcopy`` returns self (see
+    ``adapter``: the IP-Adapter's ModelPatcher (:attr:`IPAdapterModel.patcher`), ``layer``: this block's index
+    into its ``to_k_ip``/``to_v_ip``; ``pos``/``neg``: projected image tokens (F, T, D_cross) for positive /
+    negative chunks. ``sigma_range`` (high, low): active when low <= sigma <= high. ``models()`` names the
+    adapter (and a chained patch's models) so ComfyUI loads its weights together with the UNet; ``to(device or
+    dtype)`` returns a moved copy (ComfyUI calls it on the patcher it loads), ``deepcopy`` returns self (see
     comfy-host pitfall 8: ModelPatcher.clone deep-copies model_options).
     """
 
-    def __init__(self, pos, neg, k_w, v_w, weight: float, sigma_range=None, base=None):
-        self.pos, self.neg, self.k_w, self.v_w = pos, neg, k_w, v_w
+    def __init__(self, adapter, layer: int, pos, neg, weight: float, sigma_range=None, base=None):
+        self.adapter, self.layer, self.pos, self.neg = adapter, layer, pos, neg
         self.weight = float(weight)
         self.sigma_range = sigma_range
         self.base = base  # an attn2 replace patch that was there before (e.g. another adapter): chained
@@ -324,10 +355,13 @@ class IPAdapterAttn2:
     def __deepcopy__(self, memo):
         return self
 
-    def to(self, device):
-        base = self.base.to(device) if hasattr(self.base, "to") else self.base
-        return IPAdapterAttn2(self.pos.to(device), self.neg.to(device), self.k_w.to(device),
-                              self.v_w.to(device), self.weight, self.sigma_range, base)
+    def to(self, device_or_dtype):
+        base = self.base.to(device_or_dtype) if hasattr(self.base, "to") else self.base
+        return IPAdapterAttn2(self.adapter, self.layer, self.pos.to(device_or_dtype), self.neg.to(device_or_dtype),
+                              self.weight, self.sigma_range, base)
+
+    def models(self) -> list:
+        return [self.adapter, *(self.base.models() if hasattr(self.base, "models") else [])]
 
     def _active(self, extra_options) -> bool:
         if self.sigma_range is None:
@@ -363,21 +397,23 @@ class IPAdapterAttn2:
         pos, neg = self.pos.index_select(0, idx_t), self.neg.index_select(0, idx_t)
         # row = chunk * batch + frame; negative chunks (1) take the negative image tokens
         img = torch.cat([neg if c == 1 else pos for c in chunks], dim=0).to(q.device, q.dtype)
-        ik = img @ self.k_w.to(q.device, q.dtype).t()
-        iv = img @ self.v_w.to(q.device, q.dtype).t()
+        weights = self.adapter.model
+        # loaded with the UNet (models()); cast per call like ComfyUI's manual_cast ops (a no-op once in place)
+        ik = img @ weights.to_k_ip[self.layer].weight.to(q.device, q.dtype).t()
+        iv = img @ weights.to_v_ip[self.layer].weight.to(q.device, q.dtype).t()
         return out + self.weight * optimized_attention(q, ik, iv, heads, attn_precision=prec)
 
 
-def check_fits_unet(adapter: IPAdapterModel, blocks) -> None:
-    """NodeInputError unless ``adapter`` has one ip layer per cross-attention block of ``blocks`` (from
-    :func:`cross_attention_blocks`), each shaped like that block's to_k (inner, context width)."""
+def check_fits_unet(layers, blocks) -> None:
+    """NodeInputError unless ``layers`` (:attr:`IPAdapterModel.layers`) has one ip layer per cross-attention block
+    of ``blocks`` (from :func:`cross_attention_blocks`), each shaped like that block's to_k (inner, context width)."""
     from ..errors import NodeInputError
 
-    if len(blocks) != len(adapter.layers):
+    if len(blocks) != len(layers):
         raise NodeInputError(NODE_APPLY, "ipadapter",
                              f"an IP-Adapter made for this UNet ({len(blocks)} cross-attention layers)",
-                             got=f"{len(adapter.layers)} ip layers")
-    for (key, attn2), (k_w, _) in zip(blocks, adapter.layers):
+                             got=f"{len(layers)} ip layers")
+    for (key, attn2), (k_w, _) in zip(blocks, layers):
         if tuple(attn2.to_k.weight.shape) != tuple(k_w.shape):
             raise NodeInputError(NODE_APPLY, "ipadapter",
                                  f"to_k_ip of {key} shaped {tuple(attn2.to_k.weight.shape)} like the UNet's to_k",
@@ -386,11 +422,13 @@ def check_fits_unet(adapter: IPAdapterModel, blocks) -> None:
 
 def project_embeds(adapter: IPAdapterModel, embeds: torch.Tensor, input_name: str = "embeds",
                    chunk: int = 16) -> torch.Tensor:
-    """Image tokens (F, tokens, cross_dim) float32 on CPU from EMBEDS (plus: (F, N, clip_dim); plain:
-    (F, clip_dim)). Runs on ComfyUI's torch device in chunks of ``chunk`` frames. NodeInputError when the
-    embeds do not fit the adapter kind."""
+    """Image tokens (F, tokens, cross_dim) float32 on ComfyUI's intermediate device (the CPU) from EMBEDS (plus:
+    (F, N, clip_dim); plain: (F, clip_dim)). The adapter is loaded through ComfyUI's model management and
+    runs on its load device in chunks of ``chunk`` frames. NodeInputError when the embeds do not fit the
+    adapter kind."""
     import comfy.model_management as mm
     from ..errors import NodeInputError
+    from . import managed
 
     if not isinstance(embeds, torch.Tensor):
         raise NodeInputError(NODE_APPLY, input_name, "an EMBEDS tensor", got=type(embeds).__name__)
@@ -402,14 +440,13 @@ def project_embeds(adapter: IPAdapterModel, embeds: torch.Tensor, input_name: st
         want = f"(frames, {adapter.clip_dim}) image_embeds (plain IP-Adapter)"
     if not ok:
         raise NodeInputError(NODE_APPLY, input_name, want, got=f"shape {tuple(embeds.shape)}")
-    device = mm.get_torch_device()
-    proj = adapter.image_proj.to(device)
+    device = managed.load(adapter.patcher)
     outs = []
     with torch.no_grad():
         for s in range(0, embeds.shape[0], chunk):
             mm.throw_exception_if_processing_interrupted()
-            outs.append(proj(embeds[s:s + chunk].to(device, torch.float32)).float().cpu())
-    adapter.image_proj.to("cpu")
+            x = embeds[s:s + chunk].to(device, torch.float32)
+            outs.append(adapter.image_proj(x).to(mm.intermediate_device(), torch.float32))
     return torch.cat(outs, dim=0)
 
 
@@ -443,15 +480,16 @@ def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tenso
     patch already on a block (another adapter, another SDN_ApplyTransitionEmbeds) is kept and chained:
     its output replaces the plain text attention, and this adapter's image attention is added to it.
     Sampling with it refuses conditionings whose rows are neither 1 nor the latent frame count
-    (:func:`check_frame_counts`). Raises NodeInputError when the adapter does not fit the UNet (layer count,
-    widths) or the embeds, UnsupportedModelError for models other than image UNets.
+    (:func:`check_frame_counts`); the adapter's weights are loaded together with the UNet (the patches'
+    ``models()``). Raises NodeInputError when the adapter does not fit the UNet (layer count, widths) or the
+    embeds, UnsupportedModelError for models other than image UNets.
     """
     from comfy.patcher_extension import WrappersMP
 
     from ..errors import NodeInputError
 
     blocks = cross_attention_blocks(model_patcher)
-    check_fits_unet(adapter, blocks)
+    check_fits_unet(adapter.layers, blocks)
     pos = project_embeds(adapter, embeds, "embeds")
     if negative is None:
         neg = project_embeds(adapter, torch.zeros_like(embeds), "embeds")
@@ -469,9 +507,9 @@ def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tenso
         sigma_range = (ms.percent_to_sigma(start_percent), ms.percent_to_sigma(end_percent))
     m = model_patcher.clone()
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    for (key, _), (k_w, v_w) in zip(blocks, adapter.layers):
+    for layer, (key, _) in enumerate(blocks):
         base = existing.get(key, existing.get(key[:2]))
-        m.set_model_attn2_replace(IPAdapterAttn2(pos, neg, k_w, v_w, weight, sigma_range, base), *key)
+        m.set_model_attn2_replace(IPAdapterAttn2(adapter.patcher, layer, pos, neg, weight, sigma_range, base), *key)
     m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, "sdn_frame_counts")  # once, however many adapters
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "sdn_frame_counts", check_frame_counts)
     return m

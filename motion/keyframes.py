@@ -15,20 +15,6 @@ from __future__ import annotations
 
 import torch
 
-INTERPOLATIONS = ("linear", "slerp")
-
-
-def total_frames(num_keyframes: int, frames_per_transition: int) -> int:
-    """Frames of the joined video: ``(K - 1) * (L - 1) + 1``. Needs K >= 2 and L >= 2."""
-    if num_keyframes < 2 or frames_per_transition < 2:
-        raise ValueError("need at least 2 keyframes and 2 frames per transition")
-    return (num_keyframes - 1) * (frames_per_transition - 1) + 1
-
-
-def keyframe_positions(num_keyframes: int, frames_per_transition: int) -> list[int]:
-    """Frame index of each keyframe in the joined video: ``k * (L - 1)``."""
-    return [k * (frames_per_transition - 1) for k in range(num_keyframes)]
-
 
 def join_transitions(segments: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate per-transition frame tensors (each (L, ...)) sharing boundary frames.
@@ -40,7 +26,7 @@ def join_transitions(segments: list[torch.Tensor]) -> torch.Tensor:
 
 
 def interpolate_keyframes(keys: torch.Tensor, frames_per_transition: int, mode: str = "linear") -> torch.Tensor:
-    """Per-frame tensor for a whole keyframe sequence ``keys`` (K, T, C) or (K, C) -> (total_frames, ...).
+    """Per-frame tensor for a whole keyframe sequence ``keys`` (K, T, C) or (K, C) -> ((K-1)*(L-1)+1, ...).
 
     Every consecutive pair goes through ``motion.predictor.interpolate`` (the same interpolation the motion
     predictor starts from, so text and image conditionings move together), then :func:`join_transitions`.

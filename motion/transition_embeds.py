@@ -36,15 +36,13 @@ def _keyframe_tokens(output, kind: str) -> torch.Tensor:
 
 def _check_predictor(predictor, kind: str, tokens: torch.Tensor):
     from ..errors import NodeInputError
-    from .checkpoint import MotionPredictorCompatError, check_encoder_compat
+    from .checkpoint import MotionPredictorCompatError, check_encoder_compat, predictor_in
 
-    if not hasattr(predictor, "config"):
-        raise NodeInputError(NODE, "predictor", "an SDN_MOTION_PREDICTOR (SDN_MotionPredictorLoader)",
-                             got=type(predictor).__name__)
+    module = predictor_in(predictor, NODE)
     try:
-        check_encoder_compat(predictor, kind, tokens.shape[-1], tokens=tokens.shape[1])
+        check_encoder_compat(module, kind, tokens.shape[-1], tokens=tokens.shape[1])
     except MotionPredictorCompatError as e:
-        cfg = predictor.config
+        cfg = module.config
         raise NodeInputError(
             NODE, "predictor",
             f"a predictor for embeds_kind '{kind}' of this CLIP vision model ({tokens.shape[1]} token(s) x "
@@ -56,32 +54,28 @@ def transition_tokens(tokens: torch.Tensor, frames_per_transition: int, interpol
                       predictor=None) -> torch.Tensor:
     """Per-frame tokens (F, T, C) for keyframe tokens (K, T, C), joined with shared boundaries.
 
-    Without a predictor: ``motion.predictor.interpolate`` per pair. With one: ``predictor(start, end, L,
-    interpolation)`` per pair (all pairs in one batch), run on ComfyUI's torch device, then returned to the
-    CPU. Output dtype/device = ``tokens``'.
+    Without a predictor: ``motion.predictor.interpolate`` per pair. With one (an ``SDN_MOTION_PREDICTOR``, a
+    ModelPatcher): its module is loaded through ComfyUI's model management and called as ``(start, end, L,
+    interpolation)`` on all pairs in one batch, on its load device. Output dtype/device = ``tokens``'.
     """
     import comfy.model_management as mm
     from ..errors import NodeInputError
+    from . import managed
     from .predictor import interpolate
 
     start, end = tokens[:-1], tokens[1:]
     if predictor is None:
         seg = interpolate(start, end, frames_per_transition, interpolation)  # (K-1, L, T, C)
     else:
-        max_frames = predictor.config.get("max_frames")
+        module = predictor.model
+        max_frames = module.config.get("max_frames")
         if max_frames is not None and frames_per_transition > max_frames:
             raise NodeInputError(NODE, "frames_per_transition", f"at most {max_frames} (this predictor's max_frames)",
                                  got=str(frames_per_transition))
-        device = mm.get_torch_device()
-        param = next(predictor.parameters(), None)
-        home = param.device if param is not None else torch.device("cpu")
-        predictor.to(device)
-        try:
-            with torch.no_grad():
-                mm.throw_exception_if_processing_interrupted()
-                seg = predictor(start.to(device), end.to(device), frames_per_transition, interpolation)
-        finally:
-            predictor.to(home)
+        device = managed.load(predictor)
+        with torch.no_grad():
+            mm.throw_exception_if_processing_interrupted()
+            seg = module(start.to(device), end.to(device), frames_per_transition, interpolation)
         seg = seg.to(tokens.device, tokens.dtype)
     return kf.join_transitions(list(seg.unbind(0)))
 
@@ -91,7 +85,8 @@ def transition_embeds(clip_vision, images: torch.Tensor, frames_per_transition: 
                       predictor=None, crop: bool = True):
     """Everything ``SDN_TransitionEmbeds`` outputs.
 
-    images: IMAGE (K, H, W, 3), K >= 2 keyframes in story order. Returns ``(embeds, negative_embeds,
+    images: IMAGE (K, H, W, 3), K >= 2 keyframes in story order; predictor: an ``SDN_MOTION_PREDICTOR``
+    (ModelPatcher of a ``SemanticMotionPredictor``) or None (interpolation). Returns ``(embeds, negative_embeds,
     clip_vision_output, frames)``:
 
     * embeds: (F, 257, 1280) penultimate hidden states or (F, 1024) image_embeds (ViT-H), float32, CPU.

@@ -8,10 +8,8 @@ from ..attention.bank import DTYPES, BankFileError, BankRecorder, CharacterBank,
 from ..attention.patch import BankReader, apply_reading, apply_recording, csa_settings_of
 from ..errors import NodeInputError
 from .folders import model_folder
+from .types import BANK, BANK_RECORDER, STORY
 
-BANK = io.Custom("SDN_BANK")
-RECORDER = io.Custom("SDN_BANK_RECORDER")
-STORY = io.Custom("SDN_STORY")
 FOLDER = "sdn_characters"
 
 
@@ -39,7 +37,7 @@ class RecordCharacterBank(io.ComfyNode):
             ],
             outputs=[io.Model.Output("recording_model", display_name="recording model",
                                      tooltip="Sample the reference panels with this model."),
-                     RECORDER.Output("recorder", display_name="recorder", tooltip="Connect to Character Bank together with the samples.")])
+                     BANK_RECORDER.Output("recorder", display_name="recorder", tooltip="Connect to Character Bank together with the samples.")])
 
     @classmethod
     def execute(cls, model, storage_dtype, storage_device):
@@ -62,7 +60,7 @@ class CharacterBankNode(io.ComfyNode):
             node_id="SDN_CharacterBank", display_name="Character Bank (StoryDiffusion)",
             category="StoryDiffusion/characters", description=cls.__doc__,
             inputs=[
-                RECORDER.Input("recorder", tooltip="From Record Character Bank."),
+                BANK_RECORDER.Input("recorder", tooltip="From Record Character Bank."),
                 io.Latent.Input("samples", tooltip=(
                     "The reference KSampler's output. Connecting it makes the bank wait for that sampling.")),
                 io.String.Input("name", default="", tooltip=(

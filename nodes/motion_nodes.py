@@ -10,12 +10,13 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..errors import NodeInputError
+from ..motion.checkpoint import MotionPredictorFileError, load_predictor, predictor_in
+from ..motion.managed import module_patcher
 from .folders import model_folder
-from ..motion.checkpoint import MotionPredictorFileError, load_predictor
+from .types import MOTION_PREDICTOR
 
 FOLDER = "motion_predictors"
 EXTENSIONS = {".safetensors"}
-MOTION_PREDICTOR = io.Custom("SDN_MOTION_PREDICTOR")
 
 
 def register_model_folder() -> None:
@@ -44,7 +45,8 @@ class MotionPredictorLoader(io.ComfyNode):
                     "CLIP vision model you encode the keyframes with (ViT-H penultimate tokens or image embeds).")),
             ],
             outputs=[MOTION_PREDICTOR.Output(
-                "predictor", display_name="predictor", tooltip="The predictor module (on the CPU; the node using it moves it to the device).")],
+                "predictor", display_name="predictor",
+                tooltip="The predictor, under ComfyUI's model management (put on the GPU while a node uses it).")],
         )
 
     @classmethod
@@ -54,7 +56,7 @@ class MotionPredictorLoader(io.ComfyNode):
             raise NodeInputError("SDN_MotionPredictorLoader", "predictor_name",
                                  f"a file in {folder_paths.get_folder_paths(FOLDER)}", got=repr(predictor_name))
         try:
-            return io.NodeOutput(load_predictor(path, device="cpu"))
+            return io.NodeOutput(module_patcher(load_predictor(path)))
         except MotionPredictorFileError as e:
             raise NodeInputError("SDN_MotionPredictorLoader", "predictor_name", "a motion predictor file",
                                  got=str(e)) from e
@@ -77,10 +79,8 @@ class MotionPredictorInfo(io.ComfyNode):
 
     @classmethod
     def execute(cls, predictor) -> io.NodeOutput:
-        if not hasattr(predictor, "config"):
-            raise NodeInputError("SDN_MotionPredictorInfo", "predictor", "a motion predictor",
-                                 got=type(predictor).__name__)
-        text = json.dumps(predictor.config, indent=1, sort_keys=True)
+        config = predictor_in(predictor, "SDN_MotionPredictorInfo").config
+        text = json.dumps(config, indent=1, sort_keys=True)
         return io.NodeOutput(text, ui={"text": [text]})
 
 

@@ -11,8 +11,7 @@ from ..story.layout import DIRECTIONS, LAYOUTS, LayoutSpec, compose_pages, split
 from ..story.parser import parse_story
 from ..story.select import PARTS, merge_panels, select_panels, slice_conditioning, split_batches, sub_story
 from ..story.styles import STYLE_NAMES
-
-StoryType = io.Custom("SDN_STORY")
+from .types import STORY
 
 DEFAULT_STORY = """\
 // Characters first: [Name] description. Then '---', then one line per panel.
@@ -64,7 +63,7 @@ class StoryPrompt(io.ComfyNode):
                 io.Int.Output("panel_count", display_name="panel_count", tooltip="Number of panels: use as the batch_size of the empty latent."),
                 io.String.Output("captions", display_name="captions", tooltip="One line per panel (empty line for a panel without caption), "
                                  "for SDN_ComicLayout."),
-                StoryType.Output("parsed_story", display_name="story", tooltip="The parsed story (characters, panels, who appears where) for "
+                STORY.Output("parsed_story", display_name="story", tooltip="The parsed story (characters, panels, who appears where) for "
                                  "nodes that route characters per panel."),
             ],
         )
@@ -155,7 +154,7 @@ class StoryPanels(io.ComfyNode):
             inputs=[
                 io.Conditioning.Input("positive", tooltip="Per-panel conditioning (row i = panel i of the story input), "
                                       "from SDN_StoryPrompt or another SDN_StoryPanels."),
-                StoryType.Input("story", tooltip="The story the conditioning belongs to (SDN_StoryPrompt's parsed_story)."),
+                STORY.Input("story", tooltip="The story the conditioning belongs to (SDN_StoryPrompt's parsed_story)."),
                 io.Combo.Input("part", options=list(PARTS), default="references", tooltip=(
                     "references: the first reference_count panels that name the character and no one else "
                     "(no [NC], no other character). rest: every panel that is not a reference of any character "
@@ -170,7 +169,7 @@ class StoryPanels(io.ComfyNode):
             outputs=[
                 io.Conditioning.Output("selected_positive", display_name="positive", tooltip="The selected rows of the conditioning (pooled_output "
                                        "and attention_mask sliced alike)."),
-                StoryType.Output("selected_story", display_name="story", tooltip="The selected panels as a story; each panel keeps its index in the "
+                STORY.Output("selected_story", display_name="story", tooltip="The selected panels as a story; each panel keeps its index in the "
                                  "full story (for SDN_ReadCharacterBanks routing and SDN_MergePanels)."),
                 io.Int.Output("panel_count", display_name="panel_count", tooltip="Number of selected panels (the latent batch size)."),
                 io.String.Output("captions", display_name="captions", tooltip="The selected panels' captions, one line per panel."),
@@ -200,7 +199,7 @@ class StoryBatches(io.ComfyNode):
             inputs=[
                 io.Conditioning.Input("positive", tooltip="Per-panel conditioning of the story input (e.g. SDN_StoryPanels "
                                       "rest)."),
-                StoryType.Input("story", tooltip="The panels to draw (row i of positive = panel i)."),
+                STORY.Input("story", tooltip="The panels to draw (row i of positive = panel i)."),
                 io.Int.Input("batch_size", default=4, min=1, max=4096, tooltip="Panels drawn together in one KSampler "
                              "run; the last batch holds the remainder."),
                 io.Int.Input("width", default=768, min=16, max=16384, step=8,
@@ -211,7 +210,7 @@ class StoryBatches(io.ComfyNode):
             outputs=[
                 io.Conditioning.Output("batch_positive", display_name="positive", is_output_list=True, tooltip="Per batch: its rows of the conditioning."),
                 io.Latent.Output("latent", display_name="empty latent", is_output_list=True, tooltip="Per batch: an empty latent with one image per panel."),
-                StoryType.Output("batch_story", display_name="story", is_output_list=True, tooltip="Per batch: its panels (connect to Read Character "
+                STORY.Output("batch_story", display_name="story", is_output_list=True, tooltip="Per batch: its panels (connect to Read Character "
                                  "Banks' story and to Merge Panels)."),
                 io.Int.Output("panel_count", display_name="panel_count", is_output_list=True, tooltip="Per batch: its number of panels."),
             ],
@@ -251,13 +250,13 @@ class MergePanels(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", tooltip="Panel images: one item per run (a list from Story Batches is "
                                "collected whole); image i of item k is panel i of story item k."),
-                StoryType.Input("story", tooltip="The panels of each images item, in the same order (Story Batches' "
+                STORY.Input("story", tooltip="The panels of each images item, in the same order (Story Batches' "
                                 "story, or Story Panels' story)."),
                 io.Image.Input("images_2", optional=True, tooltip="More panel images, e.g. the references."),
-                StoryType.Input("story_2", optional=True, tooltip="The panels of images_2."),
+                STORY.Input("story_2", optional=True, tooltip="The panels of images_2."),
                 io.Image.Input("images_3", optional=True, tooltip="More panel images, e.g. a second character's "
                                "references."),
-                StoryType.Input("story_3", optional=True, tooltip="The panels of images_3."),
+                STORY.Input("story_3", optional=True, tooltip="The panels of images_3."),
             ],
             outputs=[
                 io.Image.Output("merged_images", display_name="images", tooltip="All panel images in story order (one batch)."),

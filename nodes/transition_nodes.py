@@ -3,17 +3,15 @@ per-frame text conditionings (for AnimateDiff-Evolved or any per-frame consumer)
 """
 from __future__ import annotations
 
-
 from comfy_api.latest import io
 
 from ..errors import NodeInputError
+from ..motion.predictor import INTERPOLATIONS
+from ..motion.transition_embeds import EMBEDS_KINDS
 from .folders import model_folder
+from .types import EMBEDS, IPADAPTER, MOTION_PREDICTOR
 
 CATEGORY = "StoryDiffusion/transition"
-INTERPOLATIONS = ["linear", "slerp"]
-EMBEDS = io.Custom("EMBEDS")  # ComfyUI_IPAdapter_plus' type: a bare tensor, one row per frame
-IPADAPTER = io.Custom("SDN_IPADAPTER")
-MOTION_PREDICTOR = io.Custom("SDN_MOTION_PREDICTOR")
 
 JOIN_DOC = ("K keyframes and L frames per transition give (K-1)*(L-1)+1 frames: consecutive transitions share "
             "their boundary frame, so keyframe k is frame k*(L-1).")
@@ -42,9 +40,9 @@ class TransitionEmbeds(io.ComfyNode):
                                "panels (one transition per consecutive pair)."),
                 io.Int.Input("frames_per_transition", default=16, min=2, max=1024,
                              tooltip="Frames of each transition, both keyframes included. " + JOIN_DOC),
-                io.Combo.Input("interpolation", options=INTERPOLATIONS, default="linear",
+                io.Combo.Input("interpolation", options=list(INTERPOLATIONS), default="linear",
                                tooltip="linear (paper) or slerp (per token, norm interpolated linearly)."),
-                io.Combo.Input("embeds_kind", options=["penultimate_hidden_states", "image_embeds"],
+                io.Combo.Input("embeds_kind", options=list(EMBEDS_KINDS),
                                default="penultimate_hidden_states",
                                tooltip="penultimate_hidden_states: (frames, 257, 1280) for IP-Adapter plus; "
                                        "image_embeds: (frames, 1024) for plain IP-Adapter."),
@@ -91,7 +89,8 @@ class IPAdapterLoader(io.ComfyNode):
                 io.Combo.Input("ipadapter_name", options=ipadapter_files(),
                                tooltip="File in the ComfyUI model folder 'ipadapter'."),
             ],
-            outputs=[IPADAPTER.Output("ipadapter", display_name="ipadapter", tooltip="The parsed IP-Adapter (CPU).")],
+            outputs=[IPADAPTER.Output("ipadapter", display_name="ipadapter", tooltip=(
+                "The parsed IP-Adapter, under ComfyUI's model management (loaded with the model it patches)."))],
         )
 
     @classmethod
@@ -164,7 +163,7 @@ class ConditioningTransition(io.ComfyNode):
                                       "(SDN_StoryPrompt), or the start prompt when 'end' is connected."),
                 io.Int.Input("frames_per_transition", default=16, min=2, max=1024,
                              tooltip="Frames of each transition, both keyframes included. " + JOIN_DOC),
-                io.Combo.Input("interpolation", options=INTERPOLATIONS, default="linear",
+                io.Combo.Input("interpolation", options=list(INTERPOLATIONS), default="linear",
                                tooltip="linear or slerp (per token, norm interpolated linearly)."),
                 io.Conditioning.Input("end", optional=True,
                                       tooltip="Optional: further keyframe prompt(s) appended after 'keyframes'."),

@@ -250,7 +250,7 @@ def test_loader_node_through_host(host, mp, trained):
         "2": {"class_type": "SDN_MotionPredictorInfo", "inputs": {"predictor": ["1", 0]}},
     }
     result = host.run(prompt)
-    loaded = result.node_output("1", 0)
+    loaded = result.node_output("1", 0).model  # the payload: a ModelPatcher (test_motion_model_management.py)
     assert isinstance(loaded, mp.SemanticMotionPredictor)
     assert next(loaded.parameters()).device.type == "cpu"
     a, b = keyframes(257, 1280)

@@ -83,7 +83,8 @@ def test_image_embeds_kind_and_untrained_predictor(te, small_cv, images, referen
     pred_mod = pack("motion.predictor")
     predictor = pred_mod.SemanticMotionPredictor(pred_mod.make_config(
         token_count=1, token_dim=PROJ, width=64, layers=1, heads=4))
-    embeds, negative, out, frames = te.transition_embeds(small_cv, images[:2], 4, "slerp", "image_embeds", predictor)
+    embeds, negative, out, frames = te.transition_embeds(small_cv, images[:2], 4, "slerp", "image_embeds",
+                                                         pack("motion.managed").module_patcher(predictor))
     assert embeds.shape == (4, PROJ) and frames == 4
     assert torch.equal(negative, torch.zeros_like(embeds))
     ref = reference["image_embeds"][:2].float()
@@ -100,10 +101,11 @@ def test_trained_predictor_changes_inner_frames_only(te, small_cv, pack):
     torch.nn.init.normal_(predictor.out_proj.weight, std=0.5)  # stand-in for training
     imgs = keyframe_images(2)
     plain, _, _, _ = te.transition_embeds(small_cv, imgs, 5, "linear", "penultimate_hidden_states")
-    pred, _, _, _ = te.transition_embeds(small_cv, imgs, 5, "linear", "penultimate_hidden_states", predictor)
+    pred, _, _, _ = te.transition_embeds(small_cv, imgs, 5, "linear", "penultimate_hidden_states",
+                                         pack("motion.managed").module_patcher(predictor))
     assert torch.equal(pred[0], plain[0]) and torch.equal(pred[-1], plain[-1])
     assert (pred[1:-1] - plain[1:-1]).abs().amax() > 1e-3
-    assert next(predictor.parameters()).device.type == "cpu"  # the payload stays on the CPU
+    assert next(predictor.parameters()).device.type == "cpu"  # its patcher's load device: the CPU on this host
 
 
 def test_mismatching_predictor_refused(te, small_cv, errors, pack):
@@ -111,11 +113,14 @@ def test_mismatching_predictor_refused(te, small_cv, errors, pack):
     imgs = keyframe_images(2)
     wrong_kind = pred_mod.SemanticMotionPredictor(pred_mod.make_config(token_count=1, token_dim=PROJ, width=32,
                                                                        layers=1, heads=4))
+    managed = pack("motion.managed").module_patcher
     with pytest.raises(errors.NodeInputError, match="predictor"):
-        te.transition_embeds(small_cv, imgs, 4, "linear", "penultimate_hidden_states", wrong_kind)
+        te.transition_embeds(small_cv, imgs, 4, "linear", "penultimate_hidden_states", managed(wrong_kind))
     wrong_dim = pred_mod.SemanticMotionPredictor(pred_mod.make_config(token_count=TOKENS, token_dim=WIDTH * 2, width=32,
                                                                       layers=1, heads=4))
     with pytest.raises(errors.NodeInputError, match="predictor"):
+        te.transition_embeds(small_cv, imgs, 4, "linear", "penultimate_hidden_states", managed(wrong_dim))
+    with pytest.raises(errors.NodeInputError, match="SDN_MOTION_PREDICTOR"):  # a bare module, not the payload
         te.transition_embeds(small_cv, imgs, 4, "linear", "penultimate_hidden_states", wrong_dim)
     with pytest.raises(errors.NodeInputError, match="at least 2 keyframes"):
         te.transition_embeds(small_cv, imgs[:1], 4, "linear", "penultimate_hidden_states")
@@ -127,7 +132,10 @@ def test_embeds_slice_under_ad_context_window(te, small_cv, pack):
     embeds, neg, _, frames = te.transition_embeds(small_cv, keyframe_images(3), 3,
                                                   "linear", "penultimate_hidden_states")
     pos = torch.arange(frames, dtype=torch.float32)[:, None, None].expand(frames, 2, 4)
-    patch = ipmod.IPAdapterAttn2(pos, -pos, torch.eye(4), torch.eye(4), 1.0)
+    weights = ipmod.IPAdapterWeights(torch.nn.Identity(), [4], 4)
+    torch.nn.init.eye_(weights.to_k_ip[0].weight)
+    torch.nn.init.eye_(weights.to_v_ip[0].weight)
+    patch = ipmod.IPAdapterAttn2(pack("motion.managed").module_patcher(weights), 0, pos, -pos, 1.0)
     seen = {}
 
     def fake_attention(q, k, v, heads, attn_precision=None):
