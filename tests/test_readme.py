@@ -114,10 +114,17 @@ def _small_flux():
     import comfy.supported_models as sm
     import torch
 
-    cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32,
-                   "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-                   "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
-                   "guidance_embed": True, "dtype": torch.float32})
+    import dataclasses
+
+    import comfy.ldm.flux.model as flux
+
+    config = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32,
+              "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+              "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+              "guidance_embed": True, "dtype": torch.float32}
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)}:
+        config["txt_ids_dims"] = []  # current ComfyUI's field; its model detection gives Flux.1 this value
+    cfg = sm.Flux(config)
     return comfy.model_patcher.ModelPatcher(cfg.get_model({}, device=torch.device("cpu")), torch.device("cpu"),
                                             torch.device("cpu"))
 
