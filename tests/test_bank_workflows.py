@@ -157,8 +157,15 @@ def test_shipped_stories(pack):
 
 
 def test_long_story_sd15(host, pack):
+    from test_readme import module_state
+
     wf, api = prepare(host, "long_story_sd15.json", "sd15")
+    state = module_state(host)
     result = host.run(api)
+    # README: no module of the pack holds mutable state. This run (CSA, a bank recorded, saved and read,
+    # batches, pages) leaves every module-level object of the pack as it was.
+    changed = sorted(k for k, v in module_state(host).items() if state.get(k) != v)
+    assert len(state) >= 5 and not changed, f"module-level state changed by a run: {changed}"
     (prompt,) = by_type(api, "SDN_StoryPrompt")
     story = result.node_output(prompt, 4)
     assert len(story.panels) == 12 and story.panels[2].no_character  # the shipped story
