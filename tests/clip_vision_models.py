@@ -134,3 +134,22 @@ def load_clip_vision(path):
     model = comfy.clip_vision.load(str(path))
     assert model is not None, f"comfy.clip_vision.load did not recognise {path}"
     return model
+
+
+def loader_node(clip_vision):
+    """A test-only node class (no inputs) whose output is ``clip_vision``: the stock CLIPVisionLoader only
+    recognises full-size encoders."""
+
+    class SmallClipVision:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        RETURN_TYPES = ("CLIP_VISION",)
+        FUNCTION = "load"
+        CATEGORY = "_for_testing"
+
+        def load(self):
+            return (clip_vision,)
+
+    return SmallClipVision

@@ -101,3 +101,14 @@ def core_context_window(index_list, total_frames):
 
     takes_total = "total_frames" in inspect.signature(cw.IndexListContextWindow).parameters
     return cw.IndexListContextWindow(list(index_list), **({"total_frames": total_frames} if takes_total else {}))
+
+
+def windowed(model, index_list, anchor=None, total_frames=6):
+    """A clone whose model calls carry a core context window of a ``total_frames`` video (current ComfyUI's
+    shape, rows = [anchor] + index_list, when ``anchor`` is set)."""
+    m = model.clone()
+    window = core_context_window(index_list, total_frames=total_frames)
+    if anchor is not None:
+        window.causal_anchor_index = anchor
+    m.model_options["transformer_options"]["context_window"] = window
+    return m

@@ -328,23 +328,10 @@ def test_loader_node_reads_bin_and_safetensors(host, pack, ipmod):
         assert torch.equal(ad.layers[0][0], k_ref.float())
 
 
-def windowed(model, index_list, anchor=None):
-    """A clone whose model calls carry a core context window of a 6-frame video (current ComfyUI's shape when
-    ``anchor`` is set)."""
-    from sampling_helpers import core_context_window
-
-    m = model.clone()
-    window = core_context_window(index_list, total_frames=6)
-    if anchor is not None:
-        window.causal_anchor_index = anchor
-    m.model_options["transformer_options"]["context_window"] = window
-    return m
-
-
 def test_causal_anchor_window_through_the_sampler(ipmod, unet, small_plus):
     # Current ComfyUI puts the frame before a window in front of it (rows = [anchor] + index_list): a window
     # of frames 3..5 with anchor 2 must read embeds 2..5, as a plain window over frames 2..5 does.
-    from sampling_helpers import sample
+    from sampling_helpers import sample, windowed
 
     video = torch.randn(6, 10, 48, generator=torch.Generator().manual_seed(13))
     m = ipmod.apply_ip_adapter(unet, small_plus, video)

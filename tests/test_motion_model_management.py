@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip_vision_models import SHAPES, load_clip_vision, write_clip_vision
+from clip_vision_models import SHAPES, load_clip_vision, loader_node, write_clip_vision
 
 CV_NODE = "SDNTestMM_SmallClipVision"
 UNET_NODE = "SDNTestMM_SmallUnet"
@@ -38,18 +38,6 @@ def files(host, pack, tmp_path_factory):
 
     cv = load_clip_vision(write_clip_vision(tmp_path_factory.mktemp("cv") / "small.safetensors", "small"))
 
-    class SmallClipVision:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {}}
-
-        RETURN_TYPES = ("CLIP_VISION",)
-        FUNCTION = "load"
-        CATEGORY = "_for_testing"
-
-        def load(self):
-            return (cv,)
-
     class SmallUnet:  # SDNTest_TinyCheckpoint's UNet without its CLIP and VAE (seconds to build)
         @classmethod
         def INPUT_TYPES(cls):
@@ -66,7 +54,7 @@ def files(host, pack, tmp_path_factory):
             return (small_unet("sd15", context_dim=768), [[torch.randn(1, 77, 768, generator=gen), {}]],
                     [[torch.randn(1, 77, 768, generator=gen), {}]])
 
-    host.nodes.NODE_CLASS_MAPPINGS[CV_NODE] = SmallClipVision
+    host.nodes.NODE_CLASS_MAPPINGS[CV_NODE] = loader_node(cv)
     host.nodes.NODE_CLASS_MAPPINGS[UNET_NODE] = SmallUnet
     tokens, width, _ = SHAPES["small"]
     pred, ckpt = pack("motion.predictor"), pack("motion.checkpoint")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_vision_models import SHAPES, load_clip_vision, shared_clip_vision, write_clip_vision
+from clip_vision_models import SHAPES, load_clip_vision, loader_node, shared_clip_vision, write_clip_vision
 
 REPO = Path(__file__).resolve().parent.parent
 VIT_H_NAME = "sdn-random-vit-h.safetensors"
@@ -195,19 +195,7 @@ def small_cv_node(host, tmp_path_factory):
     CLIPVisionLoader only recognises full-size encoders, and ViT-H encodes cost seconds each on a CPU."""
     cv = load_clip_vision(write_clip_vision(tmp_path_factory.mktemp("cvs") / "small.safetensors", "small"))
 
-    class SmallClipVision:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {}}
-
-        RETURN_TYPES = ("CLIP_VISION",)
-        FUNCTION = "load"
-        CATEGORY = "_for_testing"
-
-        def load(self):
-            return (cv,)
-
-    host.nodes.NODE_CLASS_MAPPINGS[SMALL_CV_NODE] = SmallClipVision
+    host.nodes.NODE_CLASS_MAPPINGS[SMALL_CV_NODE] = loader_node(cv)
     yield SMALL_CV_NODE
     host.nodes.NODE_CLASS_MAPPINGS.pop(SMALL_CV_NODE, None)
 
