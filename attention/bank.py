@@ -1,18 +1,24 @@
-"""Character banks: the reference app's write/read protocol, keyed by step and layer, stored compactly.
+"""Character banks: the reference app's write/read protocol, keyed by step and layer, stored as compactly as its own.
 
 StoryDiffusion's reference app (HVision-NKU/StoryDiffusion) draws a character's reference images together
 with CSA ("write"), keeps the sampled tokens of every reference per layer and per step, then draws every other
 panel attending to its own tokens plus that store ("read"), so later panels cost the memory of one panel.
 
-Here the store holds the *projected* keys and values of the sampled reference tokens, per
-``(step, layer, CFG half)``: ``k, v`` of shape ``(R * M, C)`` where R = reference images, M = round(rate * N)
-tokens per image, C = heads * dim_head. Storage dtype (fp16 by default) and device (CPU by default) are the
-node's choice; tensors move to the compute device one step at a time while reading.
+Like the reference app, a bank holds the *hidden states* of the sampled reference tokens (the layer's input,
+before its key/value projections), per ``(step, layer, CFG half)``: :class:`Tokens` of shape ``(R * M, C)``
+with R = reference images, M = round(rate * N) tokens per image, C = the layer's width. The reading layer
+projects them with its own to_k/to_v, so a LoRA or low-VRAM casting applies to them as to every other token.
+Storage: fp8 (``float8_e4m3fn`` with one float32 scale per token, as FP8 key/value caches in LLM serving), fp16,
+bf16 or fp32, in CPU memory (moved to the compute device one step at a time while reading) or on the compute
+device. Only what a read can use is kept: steps and layers where CSA was active (with the ``storydiffusion``
+schedule, no step 0 and only the layer calls its gates keep).
 
-Size: sum over recorded (step, layer, half) of 2 * R * M * C * bytes(dtype). SDXL at 1024 px, 1 reference,
-rate 0.5, 35 steps, both halves, fp16: 2 halves x 35 x (6 x 2048 x 640 + 30 x 512 x 1280) x (k, v) x 2 B
-~ 7.7 GB of CPU memory (SD1.5 at 512 px: ~1.0 GB). It grows linearly with references, steps, rate and layers:
-a start/end percent range, lower rates or fewer blocks shrink it.
+Size: sum over recorded (step, layer, half) of R * M * C * bytes(dtype) (+ 4 * R * M for fp8 scales). SDXL at
+1024 px, 1 reference, rate 0.5, 35 steps, both halves, every step and layer: 2 halves x 35 x (6 x 2048 x 640 +
+30 x 512 x 1280) x 2 B ~ 3.85 GB in fp16 (the reference app's own size), ~1.93 GB in fp8; the reference app's
+schedule (no step 0, a fifth of the layer calls skipped) records about 0.76 of that. SD1.5 at 512 px in fp16:
+~0.48 GB. It grows linearly with references, steps, rate and layers: a start/end percent range, lower rates or
+fewer blocks shrink it.
 
 A bank records the schedule (sigmas), the latent size and a fingerprint of the model; reading under a
 different one is refused (BankMismatchError) rather than silently misaligned.
@@ -24,7 +30,9 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -32,8 +40,9 @@ from ..errors import StoryDiffusionError
 from ..files import write_new
 
 FORMAT = "sdn-character-bank"
-VERSION = 1
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+VERSION = 2  # 1: projected keys and values (2x the size); 2: hidden states, fp8 with per-token scales
+DTYPES = {"fp8": torch.float8_e4m3fn, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 class BankMismatchError(StoryDiffusionError, ValueError):
@@ -111,11 +120,97 @@ def _feed(h, value) -> None:
             _feed(h, value.weights)
 
 
+class Tokens(NamedTuple):
+    """Hidden states of sampled reference tokens: ``hidden`` ``(R * M, C)`` in the storage dtype; for fp8,
+    ``scale`` ``(R * M, 1)`` float32 with value = hidden * scale, else None."""
+
+    hidden: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self if t is not None)
+
+    def to(self, device) -> "Tokens":
+        return Tokens(*(None if t is None else t.to(device, non_blocking=True) for t in self))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(R * M, C)`` in ``dtype``."""
+        if self.scale is None:
+            return self.hidden.to(dtype)
+        return (self.hidden.float() * self.scale).to(dtype)
+
+
+def store(dest: Tokens, x: torch.Tensor, non_blocking: bool) -> None:
+    """Write hidden states ``x`` ``(R * M, C)`` (any float dtype, any device) into ``dest``.
+
+    fp8 destinations get one scale per token (its largest magnitude maps to 448), so every token uses the
+    format's whole range. ``non_blocking``: ``dest`` is pinned CPU memory and nothing waits for the copy.
+    """
+    if dest.scale is None:
+        dest.hidden.copy_(x.to(dest.hidden.dtype), non_blocking=non_blocking)
+        return
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / FP8_MAX
+    dest.hidden.copy_((x / scale).to(dest.hidden.dtype), non_blocking=non_blocking)
+    dest.scale.copy_(scale, non_blocking=non_blocking)
+
+
+class RecordingRun:
+    """The entries one sampling run records: one buffer per (step, CFG half) holding every layer recorded at
+    that step (a view per layer) in the storage dtype.
+
+    With CPU storage and a CUDA compute device the buffers are pinned and written by non-blocking copies, so
+    sampling never waits for them; :meth:`finish` synchronises once, at the end of the run, and hands the
+    entries to the recorder. A run that does not finish hands nothing over.
+    """
+
+    def __init__(self, recorder: "BankRecorder", schedule: tuple, latent_hw: tuple, refs: int, device):
+        self.recorder, self.schedule, self.latent_hw, self.refs = recorder, schedule, latent_hw, refs
+        self.device = torch.device(device)
+        self.store_device = self.device if recorder.storage_device == "compute" else torch.device("cpu")
+        self.pinned = self.store_device.type == "cpu" and self.device.type == "cuda"
+        self.buffers: dict = {}
+        self.written: set = set()
+
+    def targets(self, step: int, half: int, layers: tuple) -> dict:
+        """``{layer: Tokens}`` to write step ``step``'s half ``half`` into; ``layers``: ``((name, rows,
+        channels), ...)``, every layer that can be recorded at this step (the buffer is allocated once)."""
+        views = self.buffers.get((step, half))
+        if views is None:
+            views = self.buffers[(step, half)] = self._allocate(layers)
+        return views
+
+    def _allocate(self, layers: tuple) -> dict:
+        dtype = self.recorder.storage_dtype
+        kw = dict(device=self.store_device, pin_memory=self.pinned)
+        flat = torch.empty(sum(rows * c for _, rows, c in layers), dtype=dtype, **kw)
+        scales = torch.empty(sum(rows for _, rows, _ in layers), **kw) if dtype == torch.float8_e4m3fn else None
+        views, at, at_scale = {}, 0, 0
+        for name, rows, c in layers:
+            hidden = flat[at:at + rows * c].view(rows, c)
+            scale = None if scales is None else scales[at_scale:at_scale + rows].view(rows, 1)
+            views[name] = Tokens(hidden, scale)
+            at, at_scale = at + rows * c, at_scale + rows
+        return views
+
+    def write(self, key: tuple, dest: Tokens, x: torch.Tensor) -> None:
+        """Record ``x`` as entry ``key`` = (step, layer, half) into ``dest`` (from :meth:`targets`)."""
+        store(dest, x, self.pinned)
+        self.written.add(key)
+
+    def finish(self) -> None:
+        if self.pinned:  # the run's one wait: every non-blocking copy has landed
+            torch.cuda.current_stream(self.device).synchronize()
+        entries = {key: self.buffers[(key[0], key[2])][key[1]] for key in sorted(self.written)}
+        self.recorder.publish(entries, self.schedule, self.latent_hw, self.refs)
+
+
 @dataclass
 class BankRecorder:
-    """Filled while the reference panels are sampled by a recording model; mutable, owned by one node output.
+    """Filled by each sampling run of a recording model; mutable, owned by one node output.
 
-    A new sampling run (another schedule) clears it; the same schedule overwrites entry by entry.
+    A run that finishes replaces what the recorder held with what it recorded.
     """
 
     storage_dtype: torch.dtype = torch.float16
@@ -130,19 +225,16 @@ class BankRecorder:
     def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies options: keep one recorder
         return self
 
-    def record(self, key: tuple, k: torch.Tensor, v: torch.Tensor, schedule: tuple, latent_hw: tuple, refs: int):
-        if schedule != self.schedule or latent_hw != self.latent_hw:
-            self.entries = {}
-            self.schedule, self.latent_hw = schedule, latent_hw
-        self.reference_count = refs
-        dev = k.device if self.storage_device == "compute" else torch.device("cpu")
-        self.entries[key] = (k.detach().to(dev, self.storage_dtype).clone(),
-                             v.detach().to(dev, self.storage_dtype).clone())
+    def start(self, schedule: tuple, latent_hw: tuple, refs: int, device) -> RecordingRun:
+        return RecordingRun(self, schedule, latent_hw, refs, device)
+
+    def publish(self, entries: dict, schedule: tuple, latent_hw: tuple, refs: int) -> None:
+        self.entries, self.schedule, self.latent_hw, self.reference_count = entries, schedule, latent_hw, refs
 
 
 @dataclass(frozen=True)
 class CharacterBank:
-    """An immutable recorded bank: ``entries[(step, layer, half)] = (k, v)``, each ``(R*M, C)``.
+    """An immutable recorded bank: ``entries[(step, layer, half)] = Tokens``, each ``(R*M, C)``.
 
     ``half`` is ComfyUI's cond_or_uncond flag (0 positive, 1 negative). ``schedule``: the sigmas the reference
     panels were sampled with (rounded); ``latent_hw``: their latent size.
@@ -157,6 +249,9 @@ class CharacterBank:
     reference_count: int
     settings: dict
 
+    def __post_init__(self):  # entries given as plain (hidden, scale) pairs become Tokens
+        object.__setattr__(self, "entries", {key: Tokens(*value) for key, value in self.entries.items()})
+
     @staticmethod
     def from_recorder(rec: BankRecorder, name: str, description: str) -> "CharacterBank":
         return CharacterBank(name, description, dict(rec.entries), rec.schedule, rec.latent_hw, rec.fingerprint,
@@ -164,17 +259,25 @@ class CharacterBank:
 
     @property
     def size_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.entries.values())
+        return sum(tokens.nbytes for tokens in self.entries.values())
 
     @property
     def layers(self) -> set:
         return {key[1] for key in self.entries}
 
+    @cached_property
+    def steps(self) -> dict:
+        """``{step: {(layer, half): Tokens}}``."""
+        out: dict = {}
+        for (step, layer, half), tokens in self.entries.items():
+            out.setdefault(step, {})[(layer, half)] = tokens
+        return out
+
     def summary(self) -> str:
-        steps = len({key[0] for key in self.entries})
-        dtype = next(iter(self.entries.values()))[0].dtype if self.entries else None
-        device = next(iter(self.entries.values()))[0].device if self.entries else None
-        return (f"character bank '{self.name}': {self.reference_count} reference image(s), {steps} steps, "
+        first = next(iter(self.entries.values()), None)
+        dtype = _DTYPE_NAMES.get(first.hidden.dtype, first.hidden.dtype) if first else None
+        device = first.hidden.device if first else None
+        return (f"character bank '{self.name}': {self.reference_count} reference image(s), {len(self.steps)} steps, "
                 f"{len(self.layers)} layers, {self.size_bytes / 2**20:.1f} MiB ({dtype}, on {device}); "
                 f"latent {self.latent_hw[0]}x{self.latent_hw[1]}, {max(len(self.schedule) - 1, 0)}-step schedule")
 
@@ -192,17 +295,19 @@ class CharacterBank:
                 f"(sigmas {_short(schedule)}). Use the same steps, scheduler and denoise as the recording.")
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the bank to ``path`` (safetensors: tensors ``<i>.k``/``<i>.v``, everything else in the metadata).
+        """Write the bank to ``path`` (safetensors: tensors ``<i>.h`` (hidden states) and, for fp8, ``<i>.s``
+        (scales); everything else in the metadata).
 
         Never replaces an existing file unless ``overwrite`` (``FileExistsError`` naming it).
         """
         import comfy.utils
 
         tensors, index = {}, []
-        for i, ((step, layer, half), (k, v)) in enumerate(sorted(self.entries.items())):
-            tensors[f"{i}.k"] = k.detach().cpu().contiguous()
-            tensors[f"{i}.v"] = v.detach().cpu().contiguous()
-            index.append([step, layer, half])
+        for i, (key, tokens) in enumerate(sorted(self.entries.items())):
+            tensors[f"{i}.h"] = tokens.hidden.detach().cpu().contiguous()
+            if tokens.scale is not None:
+                tensors[f"{i}.s"] = tokens.scale.detach().cpu().contiguous()
+            index.append(list(key))
         meta = {"format": FORMAT, "version": str(VERSION), "name": self.name, "description": self.description,
                 "schedule": json.dumps(list(self.schedule)), "latent_hw": json.dumps(list(self.latent_hw)),
                 "fingerprint": self.fingerprint, "reference_count": str(self.reference_count),
@@ -214,7 +319,8 @@ class CharacterBank:
         """Read a bank written by ``save``; every metadata field, tensor name, shape and dtype is checked first.
 
         Raises ``BankFileError`` naming the file and what is wrong: unreadable/corrupt file, another format or
-        version, a missing or malformed metadata field, tensors that do not match the index or each other.
+        version (version 1 files, from before banks kept hidden states, say how to re-record), a missing or
+        malformed metadata field, tensors that do not match the index or each other.
         """
         from safetensors import SafetensorError, safe_open
 
@@ -225,15 +331,22 @@ class CharacterBank:
                 if meta.get("format") != FORMAT:
                     raise BankFileError(f"{path.name}: not a character bank (format {meta.get('format')!r}, "
                                         f"expected {FORMAT!r})")
+                if meta.get("version") == "1":
+                    raise BankFileError(
+                        f"{path.name}: a character bank of format version 1 (projected keys and values, written by "
+                        f"an earlier version of this pack); this pack reads version {VERSION} (hidden states, half "
+                        f"the size) and cannot convert it. Re-record the character: sample its reference panels "
+                        f"again through SDN_RecordCharacterBank (same seed, prompts and CSA settings give the same "
+                        f"character) and save the new bank with SDN_SaveCharacterBank")
                 if meta.get("version") != str(VERSION):
                     raise BankFileError(f"{path.name}: character bank version {meta.get('version')!r} is not "
                                         f"supported (this pack reads version {VERSION})")
                 try:
                     fields = _metadata_fields(meta)
-                    _check_tensors(f, fields["index"], fields["reference_count"])
+                    fp8 = _check_tensors(f, fields["index"], fields["reference_count"])
                 except ValueError as e:
                     raise BankFileError(f"{path.name}: invalid character bank: {e}") from e
-                entries = {key: (f.get_tensor(f"{i}.k"), f.get_tensor(f"{i}.v"))
+                entries = {key: Tokens(f.get_tensor(f"{i}.h"), f.get_tensor(f"{i}.s") if fp8 else None)
                            for i, key in enumerate(fields.pop("index"))}
         except (OSError, SafetensorError) as e:
             raise BankFileError(f"{path.name}: unreadable character bank ({type(e).__name__}: {e})") from e
@@ -241,7 +354,8 @@ class CharacterBank:
 
 
 _LAYER_NAME = re.compile(r"(input|middle|output)\.\d+\.\d+")  # layer_name()'s form
-_STORED_DTYPES = {"F16", "BF16", "F32"}  # safetensors' names of DTYPES
+_STORED_DTYPES = {"F8_E4M3", "F16", "BF16", "F32"}  # safetensors' names of DTYPES
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def _metadata_fields(meta: dict) -> dict:
@@ -295,28 +409,37 @@ def _metadata_fields(meta: dict) -> dict:
             "settings": settings, "index": keys}
 
 
-def _check_tensors(f, index: list, refs: int) -> None:
-    """Check, from the file's header alone, that its tensors are exactly the index's k/v pairs and consistent:
-    2-D ``(R * M, C)`` with R = ``refs``, k and v alike, one shape per layer, one float dtype throughout."""
+def _check_tensors(f, index: list, refs: int) -> bool:
+    """Check, from the file's header alone, that its tensors are exactly the index's hidden states (plus their
+    scales for fp8) and consistent: 2-D ``(R * M, C)`` with R = ``refs``, one shape per layer, one dtype
+    throughout, scales ``(R * M, 1)`` float32. Returns whether the bank is fp8."""
     names = set(f.keys())
-    wanted = {f"{i}.{kv}" for i in range(len(index)) for kv in "kv"}
+    hidden = [f"{i}.h" for i in range(len(index))]
+    if not names >= set(hidden):
+        raise ValueError(f"tensors do not match the index: missing {sorted(set(hidden) - names)[:4]}")
+    dtypes = {f.get_slice(name).get_dtype() for name in hidden}
+    if len(dtypes) != 1 or not dtypes <= _STORED_DTYPES:
+        raise ValueError(f"tensor dtypes {sorted(dtypes)}: expected one of {sorted(_STORED_DTYPES)} throughout")
+    fp8 = dtypes == {"F8_E4M3"}
+    wanted = set(hidden) | ({f"{i}.s" for i in range(len(index))} if fp8 else set())
     if names != wanted:
         raise ValueError(f"tensors do not match the index: missing {sorted(wanted - names)[:4]}, unexpected "
                          f"{sorted(names - wanted)[:4]}")
-    shapes, dtypes = {}, set()
+    shapes = {}
     for i, (step, layer, half) in enumerate(index):
-        k, v = f.get_slice(f"{i}.k"), f.get_slice(f"{i}.v")
-        shape, where = k.get_shape(), f"entry {i} (step {step}, layer {layer}, half {half})"
-        if v.get_shape() != shape or len(shape) != 2:
-            raise ValueError(f"{where}: k {k.get_shape()} and v {v.get_shape()} must have one 2-D shape "
-                             "(tokens, channels)")
+        shape, where = f.get_slice(f"{i}.h").get_shape(), f"entry {i} (step {step}, layer {layer}, half {half})"
+        if len(shape) != 2:
+            raise ValueError(f"{where}: hidden states of shape {shape}, expected 2-D (tokens, channels)")
         if shape[0] == 0 or shape[0] % refs:
             raise ValueError(f"{where}: {shape[0]} tokens are not a multiple of the {refs} reference images")
         if shapes.setdefault(layer, shape) != shape:
             raise ValueError(f"{where}: shape {shape} differs from the layer's other entries {shapes[layer]}")
-        dtypes.update((k.get_dtype(), v.get_dtype()))
-    if len(dtypes) != 1 or not dtypes <= _STORED_DTYPES:
-        raise ValueError(f"tensor dtypes {sorted(dtypes)}: expected one of {sorted(_STORED_DTYPES)} throughout")
+        if fp8:
+            scale = f.get_slice(f"{i}.s")
+            if scale.get_shape() != [shape[0], 1] or scale.get_dtype() != "F32":
+                raise ValueError(f"{where}: fp8 scales of shape {scale.get_shape()} ({scale.get_dtype()}), expected "
+                                 f"[{shape[0]}, 1] (F32)")
+    return fp8
 
 
 def _clip(text: str, n: int = 60) -> str:

@@ -11,6 +11,11 @@ another image is visible with probability ``rate`` (the paper's and the referenc
 image of a group gets the same number of extra keys, so a whole group is ONE batched attention call with no
 mask (two calls when reference images and story images have different key counts). Rate 0 is plain
 self-attention; rate 1 is attention over the union of the group's tokens.
+
+With R reference images (the reference app's story protocol) every later image sees the SAME sampled tokens of
+the references (:func:`reference_tokens`), as every panel of its read phase reads the same stored tokens, and
+the references share among themselves exactly as they would in a batch of their own: a batch with the
+references in front gives every later image what reading a character bank recorded from them gives.
 """
 from __future__ import annotations
 
@@ -48,9 +53,10 @@ class SamplingPlan:
     """Which tokens each image of a group of ``num_images`` sees besides its own.
 
     ``ref_count`` R: 0 means all-to-all (the paper): ``all_idx`` (B, (B-1)*M) holds, for every image, flat
-    indices into the group's tokens flattened as ``image * N + token`` ((B, (T-1)*M) with a window of T). R > 0: the first R images are the
-    references; ``ref_idx`` (R, (R-1)*M) for the references (among themselves) and ``story_idx`` (B-R, R*M)
-    for every other image (references only). Index tensors are int64 on the plan's device.
+    indices into the group's tokens flattened as ``image * N + token`` ((B, (T-1)*M) with a window of T).
+    R > 0: the first R images are the references; ``ref_idx`` (R, (R-1)*M) for the references (among
+    themselves) and ``story_idx`` (B-R, R*M) for every other image (the same tokens of the references for all).
+    Index tensors are int64 on the plan's device.
     """
 
     num_images: int
@@ -108,12 +114,28 @@ def window_sources(num_images: int, tile_size: int) -> list[list[int]]:
     return out
 
 
+def reference_tokens(refs: int, num_tokens: int, per_source: int, generator: torch.Generator) -> torch.Tensor:
+    """The tokens of R reference images that every later image sees: ``per_source`` distinct tokens of each
+    reference, as flat indices ``(R * M,)`` into the references' tokens flattened as ``image * N + token``,
+    reference by reference.
+
+    One draw serves every later image, as in the reference app's read phase (every panel reads the same stored
+    tokens). A character bank recorded with the same generator holds exactly these tokens.
+    """
+    return _draw(1, [list(range(refs))], num_tokens, per_source, generator)[0]
+
+
 def make_plan(num_images: int, num_tokens: int, rate: float, ref_count: int = 0,
-              generator: torch.Generator | None = None, tile_size: int = 0) -> SamplingPlan:
+              generator: torch.Generator | None = None, tile_size: int = 0,
+              reference_generator: torch.Generator | None = None) -> SamplingPlan:
     """Draw a SamplingPlan on the CPU from ``generator`` (deterministic for a seeded generator).
 
     ``ref_count`` >= ``num_images`` behaves as all-to-all among the images present. ``tile_size`` > 1 (with
     ``ref_count`` 0): each image shares only with the images of its window (:func:`window_sources`).
+    0 < R < B: the first R images share among themselves exactly as a batch of those R images alone would (the
+    same draws from ``generator``, whatever follows them); every later image sees the same tokens of the
+    references, :func:`reference_tokens` drawn from ``reference_generator`` (default: ``generator``, after the
+    references' draws).
     """
     if generator is None:
         generator = torch.Generator().manual_seed(0)
@@ -125,28 +147,13 @@ def make_plan(num_images: int, num_tokens: int, rate: float, ref_count: int = 0,
         else:
             srcs = [[j for j in range(b) if j != i] for i in range(b)]
         return SamplingPlan(b, num_tokens, m, 0, all_idx=_draw(b, srcs, num_tokens, m, generator))
-    ref_srcs = [[j for j in range(r) if j != i] for i in range(r)]
-    story_srcs = [list(range(r)) for _ in range(b - r)]
-    ref_idx = _draw(r, ref_srcs, num_tokens, m, generator) if r > 1 else torch.empty(r, 0, dtype=torch.long)
-    return SamplingPlan(b, num_tokens, m, r, ref_idx=ref_idx,
-                        story_idx=_draw(b - r, story_srcs, num_tokens, m, generator))
+    refs = make_plan(r, num_tokens, rate, 0, generator)
+    shared = reference_tokens(r, num_tokens, m, reference_generator or generator)
+    return SamplingPlan(b, num_tokens, m, r, ref_idx=refs.all_idx, story_idx=shared.expand(b - r, -1))
 
 
-def attend_with_extra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: torch.Tensor | None,
-                      extra_v: torch.Tensor | None, heads: int, attention_fn: AttentionFn = sdpa_attention,
-                      **attn_kwargs) -> torch.Tensor:
-    """Self-attention of each row over its own keys plus ``extra_k/extra_v`` appended.
-
-    q, k, v: ``[rows, N, C]``; extra: ``[rows, E, C]`` (or None / E = 0: plain attention). Returns ``[rows, N, C]``.
-    """
-    if extra_k is not None and extra_k.shape[1] > 0:
-        k = torch.cat((k, extra_k.to(k.dtype)), dim=1)
-        v = torch.cat((v, extra_v.to(v.dtype)), dim=1)
-    return attention_fn(q, k, v, heads, **attn_kwargs)
-
-
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x ``[G, B, N, C]``, idx ``[T, E]`` flat into B*N -> ``[G * T, E, C]``."""
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x ``[G, B, N, C]`` (chunks, images, tokens, channels), idx ``[T, E]`` flat into B*N -> ``[G * T, E, C]``."""
     g, b, n, c = x.shape
     return x.reshape(g, b * n, c)[:, idx].reshape(g * idx.shape[0], idx.shape[1], c)
 
@@ -169,11 +176,13 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     g = rows // b
     q4, k4, v4 = (t.reshape(g, b, n, c) for t in (q, k, v))
     if plan.ref_count == 0:
-        return attention_fn(q, _gather(k4, plan.all_keys), _gather(v4, plan.all_keys), heads, **attn_kwargs)
+        keys = plan.all_keys
+        return attention_fn(q, gather_tokens(k4, keys), gather_tokens(v4, keys), heads, **attn_kwargs)
     r = plan.ref_count
 
     def part(sl: slice, keys: torch.Tensor) -> torch.Tensor:
-        out = attention_fn(q4[:, sl].reshape(-1, n, c), _gather(k4, keys), _gather(v4, keys), heads, **attn_kwargs)
+        out = attention_fn(q4[:, sl].reshape(-1, n, c), gather_tokens(k4, keys), gather_tokens(v4, keys), heads,
+                           **attn_kwargs)
         return out.reshape(g, -1, n, c)
 
     out = torch.cat((part(slice(0, r), plan.ref_keys), part(slice(r, b), plan.story_keys)), dim=1)

@@ -29,8 +29,9 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "Same for layers at 1/8 of the image size (SD1.x/SD2.x only; SDXL has none).")),
                 io.Int.Input("reference_count", default=0, min=0, max=64, tooltip=(
                     "0: every image attends to every other image (the paper). R > 0: the first R images of the "
-                    "batch are references; they share among themselves and every other image attends to the "
-                    "references only (cost grows with R, not with the batch).")),
+                    "batch are references; they share among themselves and every other image attends to the same "
+                    "sampled tokens of the references, exactly those a character bank recorded from them would give "
+                    "(cost grows with R, not with the batch).")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the token sampling (re-drawn every step, deterministic per seed)."),
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="decoder", tooltip=(

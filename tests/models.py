@@ -20,12 +20,14 @@ def init_weights_(module: torch.nn.Module, seed: int = 0, scale: float = 0.02) -
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True, context_dim: int = 64, scale: float = 0.02):
+def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True, context_dim: int = 64, scale: float = 0.02,
+               dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")):
     """Return a ``comfy.model_patcher.ModelPatcher`` around a real-layout UNet with random weights.
 
     ``context_dim``: width of the text tokens cross-attention reads (768 for a real SD1.5 CLIP, 2048 SDXL).
     ``scale``: standard deviation of the weights; at 0.02 attention barely moves the output (near-uniform
     weights, small projections), 0.05 makes every attention layer visible in the sampled latents.
+    ``tiny=False``: the full-size architecture. ``dtype``, ``device``: weights and compute (the load device).
     """
     import comfy.model_patcher
     import comfy.supported_models as sm
@@ -38,7 +40,7 @@ def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True, context_dim
             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
             "context_dim": context_dim if tiny else 768, "num_heads": 8, "num_head_channels": -1,
             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-            "dtype": torch.float32,
+            "dtype": dtype,
         }
         cfg = sm.SD15(unet_config)
     elif kind == "sdxl":
@@ -49,14 +51,14 @@ def small_unet(kind: str = "sd15", seed: int = 0, tiny: bool = True, context_dim
             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
             "context_dim": context_dim if tiny else 2048, "num_head_channels": 64 if not tiny else 16,
             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-            "dtype": torch.float32,
+            "dtype": dtype,
         }
         cfg = sm.SDXL(unet_config)
     else:
         raise ValueError(kind)
     model = cfg.get_model({}, device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed=seed, scale=scale)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
 def small_svd(seed: int = 0):

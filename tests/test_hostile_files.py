@@ -102,8 +102,7 @@ def bank_entries(dtype=torch.float16, refs=2, steps=2):
     for step in range(steps):
         for layer, (m, c) in LAYERS.items():
             for half in (0, 1):
-                entries[(step, layer, half)] = (torch.randn(refs * m, c, generator=g).to(dtype),
-                                                torch.randn(refs * m, c, generator=g).to(dtype))
+                entries[(step, layer, half)] = (torch.randn(refs * m, c, generator=g).to(dtype), None)
     return entries
 
 
@@ -158,28 +157,28 @@ BANK_META_CASES = {  # metadata value -> (new value, or None to drop the key; fr
 def _bank_tensor_case(meta, tensors, case):
     t = dict(tensors)
     i = entry_of(meta, (0, "output.3.0", 0))
-    k, v = f"{i}.k", f"{i}.v"
-    if case == "kv_shapes_differ":
-        t[v] = t[v][:-2]
+    h = f"{i}.h"
+    if case == "scales_without_fp8":
+        t[f"{i}.s"] = torch.ones(t[h].shape[0], 1)
     elif case == "rows_not_a_multiple_of_references":
-        t[k], t[v] = t[k][:-1], t[v][:-1]
+        t[h] = t[h][:-1]
     elif case == "integer_tensors":
-        t[k], t[v] = t[k].to(torch.int16), t[v].to(torch.int16)
+        t[h] = t[h].to(torch.int16)
     elif case == "three_dimensional":
-        t[k], t[v] = t[k].reshape(2, 8, 32), t[v].reshape(2, 8, 32)
+        t[h] = t[h].reshape(2, 8, 32)
     elif case == "mixed_dtypes":
-        t[k], t[v] = t[k].float(), t[v].float()
+        t[h] = t[h].float()
     elif case == "layer_changes_shape":
         j = entry_of(meta, (1, "output.3.0", 0))
-        t[f"{j}.k"], t[f"{j}.v"] = t[f"{j}.k"][:, :16].contiguous(), t[f"{j}.v"][:, :16].contiguous()
+        t[f"{j}.h"] = t[f"{j}.h"][:, :16].contiguous()
     elif case == "missing_tensor":
-        del t[v]
+        del t[h]
     elif case == "extra_tensor":
         t["x.k"] = torch.zeros(1)
     return t
 
 
-BANK_TENSOR_CASES = {"kv_shapes_differ": "shape", "rows_not_a_multiple_of_references": "reference",
+BANK_TENSOR_CASES = {"scales_without_fp8": "unexpected", "rows_not_a_multiple_of_references": "reference",
                      "integer_tensors": "dtype", "three_dimensional": "shape", "mixed_dtypes": "dtype",
                      "layer_changes_shape": "shape", "missing_tensor": "missing", "extra_tensor": "unexpected"}
 

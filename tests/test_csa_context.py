@@ -1,0 +1,81 @@
+"""One context per model call: no host syncs in the layers, and bank-free reference mode equals bank reading.
+
+Through ComfyUI's real sampler on the real SDXL / SD1.5 block layouts (small widths, random weights).
+"""
+import pytest
+import torch
+
+from host_syncs import syncs_per_call
+from models import small_unet
+from sampling_helpers import csa_model
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return small_unet("sdxl", scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return small_unet("sd15", scale=0.05)
+
+
+# The patched layers: 70 in SDXL's encoder, middle and decoder. A sync per layer call would add 70 per model call;
+# the context's one read of the call's sigma is all a patched model may add (plus the run's schedule, once).
+EVERY_BLOCK = ("input", "middle", "output")
+EXTRA_PER_CALL = 1.5
+
+
+@pytest.mark.parametrize("schedule", ["always", "storydiffusion"])
+def test_csa_adds_no_host_sync_per_layer(pack, sdxl, schedule):
+    plain = syncs_per_call(sdxl)
+    patched = syncs_per_call(csa_model(pack, sdxl, rate=0.5, schedule=schedule, blocks=EVERY_BLOCK))
+    assert patched - plain <= EXTRA_PER_CALL, (plain, patched)
+
+
+def test_recording_and_reading_add_no_host_sync_per_layer(pack, sdxl):
+    bank_mod, patch = pack("attention.bank"), pack("attention.patch")
+    plain = syncs_per_call(sdxl)
+    csa = csa_model(pack, sdxl, rate=0.5, blocks=EVERY_BLOCK)
+    rec = bank_mod.BankRecorder(storage_dtype=torch.float8_e4m3fn)
+    recording = syncs_per_call(patch.apply_recording(csa, rec), images=2)
+    assert recording - plain <= EXTRA_PER_CALL, (plain, recording)
+    bank = bank_mod.CharacterBank.from_recorder(rec, "hero", "")
+    assert len(bank.layers) == 70
+    for model in (patch.apply_reading(sdxl, patch.BankReader((bank,))),
+                  patch.apply_reading(csa, patch.BankReader((bank,), share=True))):
+        reading = syncs_per_call(model)
+        assert reading - plain <= EXTRA_PER_CALL, (plain, reading)
+
+
+def draw(model, noise, cond, steps):
+    """The stock sampler on given noise and per-image conditioning (Euler, CFG 5, negative broadcast)."""
+    import comfy.sample
+
+    negative = [[torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(99)), {}]]
+    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", [[cond, {}]], negative,
+                               torch.zeros_like(noise), seed=0, disable_pbar=True)
+
+
+@pytest.mark.parametrize("schedule, steps", [("always", 2), ("storydiffusion", 4)])
+def test_references_in_front_of_a_batch_equal_reading_their_bank(pack, sd15, schedule, steps):
+    # Bank-free reference mode: R reference panels, with their own noise and prompts, in front of the story
+    # panels, CSA with reference_count = R. The references share among themselves exactly as when they were drawn
+    # alone while recording, and every story panel sees exactly the tokens the bank holds.
+    bank_mod, patch = pack("attention.bank"), pack("attention.patch")
+    refs, panels = 2, 3
+    gen = torch.Generator().manual_seed(11)
+    ref_cond, story_cond = torch.randn(refs, 77, 64, generator=gen), torch.randn(panels, 77, 64, generator=gen)
+    ref_noise, story_noise = torch.randn(refs, 4, 16, 16, generator=gen), torch.randn(panels, 4, 16, 16, generator=gen)
+
+    def csa(reference_count):
+        return csa_model(pack, sd15, rate=0.5, refs=reference_count, seed=3, schedule=schedule)
+    rec = bank_mod.BankRecorder(storage_dtype=torch.float32)
+    alone = draw(patch.apply_recording(csa(0), rec), ref_noise, ref_cond, steps)
+    bank = bank_mod.CharacterBank.from_recorder(rec, "hero", "")
+    read = draw(patch.apply_reading(sd15, patch.BankReader((bank,))), story_noise, story_cond, steps)
+    together = draw(csa(refs), torch.cat((ref_noise, story_noise)), torch.cat((ref_cond, story_cond)), steps)
+    torch.testing.assert_close(together[:refs], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[refs:], read, atol=1e-5, rtol=0)
+    # the bank acts: the panels differ from panels drawn without it by far more than the tolerance
+    assert (read - draw(sd15, story_noise, story_cond, steps)).abs().max() > 1e-4
