@@ -9,7 +9,8 @@ from ..errors import NodeInputError
 from ..story.encode import encode_story
 from ..story.layout import DIRECTIONS, LAYOUTS, LayoutSpec, compose_pages, split_captions
 from ..story.parser import parse_story
-from ..story.select import PARTS, merge_panels, select_panels, slice_conditioning, split_batches, sub_story
+from ..story.select import (PARTS, concat_conditioning, latent_layout, merge_panels, reference_rows, select_panels,
+                            slice_conditioning, split_batches, sub_story)
 from ..story.styles import STYLE_NAMES
 from .types import STORY
 
@@ -206,6 +207,16 @@ class StoryBatches(io.ComfyNode):
                              tooltip="Image width in pixels (as Empty Latent Image; use the references' size)."),
                 io.Int.Input("height", default=768, min=16, max=16384, step=8,
                              tooltip="Image height in pixels (as Empty Latent Image; use the references' size)."),
+                io.Conditioning.Input("reference_positive", optional=True, tooltip=(
+                    "Bank-free reference mode: the reference panels' conditioning (SDN_StoryPanels references), put in "
+                    "front of EVERY batch. Sample with SDN_ConsistentSelfAttention reference_count = their number: "
+                    "every panel then sees exactly the reference tokens a character bank would give it, for the "
+                    "compute of the extra images and no bank memory. Needs reference_story.")),
+                STORY.Input("reference_story", optional=True, tooltip=(
+                    "The reference panels of reference_positive (row i = panel i). Merge Panels keeps each once.")),
+                io.Latent.Input("empty_latent", optional=True, tooltip=(
+                    "An empty latent whose channels and size every batch copies (e.g. Empty SD3 Latent Image for "
+                    "Flux): overrides width and height. Without it: SD1.x/SDXL latents (4 channels, 1/8 size).")),
             ],
             outputs=[
                 io.Conditioning.Output("batch_positive", display_name="positive", is_output_list=True, tooltip="Per batch: its rows of the conditioning."),
@@ -217,21 +228,36 @@ class StoryBatches(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, positive, story, batch_size, width, height) -> io.NodeOutput:
-        import comfy.model_management
-
+    def execute(cls, positive, story, batch_size, width, height, reference_positive=None, reference_story=None,
+                empty_latent=None) -> io.NodeOutput:
+        node = "SDN_StoryBatches"
         total = len(story.panels)
         if total == 0:
-            raise NodeInputError("SDN_StoryBatches", "story", "a story with at least one panel")
+            raise NodeInputError(node, "story", "a story with at least one panel")
+        refs = reference_rows(node, reference_positive, reference_story)
+        shape, extras = latent_layout(node, empty_latent, width, height)
         conds, latents, stories, counts = [], [], [], []
         for rows in split_batches(total, batch_size):
-            conds.append(slice_conditioning(positive, rows, total, "SDN_StoryBatches"))
-            # the same empty latent EmptyLatentImage makes: 4 channels, 1/8 size, intermediate device
-            latents.append({"samples": torch.zeros([len(rows), 4, height // 8, width // 8],
-                                                   device=comfy.model_management.intermediate_device())})
-            stories.append(sub_story(story, (story.panels[i] for i in rows)))
-            counts.append(len(rows))
+            cond = slice_conditioning(positive, rows, total, node)
+            panels = [story.panels[i] for i in rows]
+            samples = {**extras, "samples": torch.zeros([len(refs[1]) + len(rows), *shape], device=_device())}
+            if refs[1]:
+                # the references' own noise in every batch (noise indices 0..R-1), each panel's after them
+                cond = concat_conditioning(refs[0], cond, (len(refs[1]), len(rows)), node, "reference_positive",
+                                           "positive")
+                panels = list(refs[1]) + panels
+                samples["batch_index"] = list(range(len(refs[1]))) + [len(refs[1]) + i for i in rows]
+            conds.append(cond)
+            latents.append(samples)
+            stories.append(sub_story(story, panels, carried=len(refs[1])))
+            counts.append(len(panels))
         return io.NodeOutput(conds, latents, stories, counts)
+
+
+def _device():
+    import comfy.model_management
+
+    return comfy.model_management.intermediate_device()
 
 
 class MergePanels(io.ComfyNode):

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from .parser import Story
+from .select import same_value
 from .styles import style_negative
 
 
@@ -88,22 +89,13 @@ def encode_panels(clip, prompts: list[str]) -> list:
             extras[key] = torch.cat(masks, dim=0)
             continue
         first = values[0]
-        same = all(_same(first, v) for v in values[1:])
+        same = all(same_value(first, v) for v in values[1:])
         if same:
             extras[key] = first
         else:
             logging.warning("SDN_StoryPrompt: dropping conditioning extra '%s': it differs between panels and its "
                             "per-panel batch layout is unknown", key)
     return [[cond, extras]]
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    try:
-        return bool(a == b)
-    except Exception:
-        return a is b
 
 
 def encode_negative(clip, negative: str, style: str) -> list:

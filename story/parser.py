@@ -73,11 +73,14 @@ class Story:
     characters: name -> description, in definition order (treat as read-only).
     panels: the panels in story order.
     style: name of the style preset applied by SDN_StoryPrompt (``"none"`` when parsed directly).
+    carried: how many of the first panels are reference panels carried in front of a batch (SDN_StoryBatches'
+    bank-free reference mode); SDN_MergePanels keeps each of them once.
     """
 
     characters: dict = field(default_factory=dict)
     panels: tuple = ()
     style: str = "none"
+    carried: int = 0
 
     def __len__(self) -> int:
         return len(self.panels)

@@ -9,6 +9,8 @@ so peak memory does not grow with story length. These helpers do the bookkeeping
 * :func:`reference_panels` / :func:`rest_panels` / :func:`select_panels`: which panels are references.
 * :func:`slice_conditioning`: the rows of the selected panels (cond, pooled_output, attention_mask...).
 * :func:`split_batches`: consecutive batches of at most ``batch_size`` panels.
+* :func:`concat_conditioning`, :func:`reference_rows`: reference rows in front of a batch's rows (bank-free
+  reference mode); :func:`latent_layout`: the per-image latent shape of a batch.
 * :func:`merge_panels`: panel images drawn in several runs back into story order (by ``Panel.index``).
 
 Sub-stories keep each panel's ORIGINAL ``index`` (its position in the full story), the full ``characters``
@@ -74,9 +76,10 @@ def rest_panels(story: Story, count: int) -> tuple[Panel, ...]:
     return tuple(p for p in story.panels if p.index not in refs)
 
 
-def sub_story(story: Story, panels) -> Story:
-    """A Story holding ``panels`` (which keep their original ``index``), same characters and style."""
-    return replace(story, panels=tuple(panels))
+def sub_story(story: Story, panels, carried: int = 0) -> Story:
+    """A Story holding ``panels`` (which keep their original ``index``), same characters and style; ``carried``
+    of them are reference panels in front of a batch (see :attr:`Story.carried`)."""
+    return replace(story, panels=tuple(panels), carried=carried)
 
 
 def select_panels(story: Story, part: str, character: str = "", count: int = 1,
@@ -149,16 +152,107 @@ def split_batches(count: int, batch_size: int) -> list[range]:
     return [range(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
 
 
+def same_value(a, b) -> bool:
+    """Equal conditioning extras: tensors of one shape and equal values, or equal plain values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and torch.equal(a, b.to(a))
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+def concat_conditioning(first: list, second: list, rows: tuple[int, int], node: str, first_input: str,
+                        second_input: str) -> list:
+    """Rows of ``first`` then rows of ``second``, entry by entry: two per-panel CONDITIONINGs of the same text
+    encoder (same number of entries, token count, width and extras) for ``rows`` = (first's panels, second's
+    panels). An entry of batch 1 (one prompt for all its panels) is repeated to its side's panels first; then
+    ``cond`` and every extra tensor with one row per panel (``pooled_output``, ``attention_mask``...) are
+    concatenated along dim 0; other extras must be equal. Raises NodeInputError naming ``first_input`` (the rows
+    added in front) when the two do not fit together. The inputs are never modified.
+    """
+    first, second = (_repeat_single(c, n) for c, n in zip((first, second), rows))
+    if len(first) != len(second):
+        raise NodeInputError(node, first_input, f"a CONDITIONING with as many entries as {second_input} "
+                             f"({len(second)})", got=f"{len(first)} entries")
+    out = []
+    for (a, ea), (b, eb) in zip(first, second):
+        if a.shape[1:] != b.shape[1:]:
+            raise NodeInputError(node, first_input, f"conditioning of the same text encoder and token count as "
+                                 f"{second_input} ({tuple(b.shape[1:])} per panel; encode both with the same "
+                                 f"SDN_StoryPrompt)", got=f"{tuple(a.shape[1:])} per panel")
+        if set(ea) != set(eb):
+            raise NodeInputError(node, first_input, f"the same conditioning extras as {second_input} ({sorted(eb)})",
+                                 got=str(sorted(ea)))
+        extras = {}
+        for key in ea:
+            x, y = ea[key], eb[key]
+            per_row = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.ndim > 0 and y.ndim > 0 \
+                and x.shape[0] == a.shape[0] and y.shape[0] == b.shape[0] and x.shape[1:] == y.shape[1:]
+            if per_row:
+                extras[key] = torch.cat((x, y.to(x))).to(x.device)
+            elif same_value(x, y):
+                extras[key] = x
+            else:
+                raise NodeInputError(node, first_input, f"conditioning extra {key!r} shaped like {second_input}'s "
+                                     f"(one row per panel, or equal)", got=f"a different {key!r}")
+        out.append([torch.cat((a, b.to(a))), extras])
+    return out
+
+
+def _repeat_single(conditioning: list, panels: int) -> list:
+    """Entries of batch 1 repeated to ``panels`` rows (with their one-row extras); others unchanged."""
+    out = []
+    for cond, extras in conditioning:
+        if cond.shape[0] == 1 and panels != 1:
+            extras = {k: v.expand(panels, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.ndim > 0
+                      and v.shape[0] == 1 else v for k, v in extras.items()}
+            cond = cond.expand(panels, *cond.shape[1:])
+        out.append([cond, extras])
+    return out
+
+
+def reference_rows(node: str, positive, story) -> tuple[list | None, tuple]:
+    """(reference conditioning, reference panels) of bank-free reference mode, or (None, ()) without it."""
+    if positive is None and story is None:
+        return None, ()
+    if positive is None or story is None:
+        missing = "reference_positive" if positive is None else "reference_story"
+        raise NodeInputError(node, missing, "a connection (reference_positive and reference_story go together)")
+    if not story.panels:
+        raise NodeInputError(node, "reference_story", "at least one reference panel")
+    count = len(story.panels)
+    return slice_conditioning(positive, range(count), count, node, "reference_positive"), tuple(story.panels)
+
+
+def latent_layout(node: str, latent, width: int, height: int) -> tuple[tuple, dict]:
+    """(per-image latent shape, other keys to copy) from a template LATENT, else the SD layout of width x height
+    (what Empty Latent Image makes: 4 channels at 1/8 size)."""
+    if latent is None:
+        return (4, height // 8, width // 8), {}
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim < 4:
+        raise NodeInputError(node, "empty_latent", "a LATENT with a samples tensor (batch, channels, height, width)",
+                             got=type(samples).__name__ if not isinstance(samples, torch.Tensor)
+                             else f"shape {tuple(samples.shape)}")
+    keep = {k: v for k, v in latent.items() if k not in ("samples", "batch_index", "noise_mask")}
+    return tuple(samples.shape[1:]), keep
+
+
 def merge_panels(groups, node: str = "SDN_MergePanels") -> tuple[torch.Tensor, tuple[Panel, ...]]:
     """Images of several runs back into story order.
 
     groups: iterable of ``(input_name, images, story)``: ``images`` an IMAGE batch ``(B, H, W, C)`` whose
     image ``i`` is panel ``story.panels[i]``. Returns ``(images (N, H, W, C), panels)`` sorted by
-    ``Panel.index``. Missing indices are allowed (a subset of the story). Raises NodeInputError for a batch
+    ``Panel.index``. Missing indices are allowed (a subset of the story). The ``carried`` reference panels in
+    front of a batch (bank-free reference mode) are kept once, from the first item that has them, and dropped
+    where another item holds the same panel. Raises NodeInputError for a batch
     whose size differs from its story's panel count, a panel index that appears twice, images of different
     sizes (both sizes named), or no panels at all.
     """
     seen: dict[int, str] = {}
+    carried: dict = {}
     items = []
     size = None
     for name, images, story in groups:
@@ -178,11 +272,15 @@ def merge_panels(groups, node: str = "SDN_MergePanels") -> tuple[torch.Tensor, t
                                  f"with {size[0][2]} channels)",
                                  got=f"{shape[1]}x{shape[0]} px with {shape[2]} channels")
         for i, panel in enumerate(story.panels):
+            if i < story.carried:
+                carried.setdefault(panel.index, (images[i], panel))
+                continue
             if panel.index in seen:
                 raise NodeInputError(node, name, "each panel once", got=(
                     f"panel {panel.index + 1} (story line {panel.line}) in both {seen[panel.index]} and {name}"))
             seen[panel.index] = name
             items.append((panel.index, images[i], panel))
+    items += [(index, image, panel) for index, (image, panel) in carried.items() if index not in seen]
     if not items:
         raise NodeInputError(node, "images", "at least one panel image")
     items.sort(key=lambda t: t[0])

@@ -79,3 +79,50 @@ def test_references_in_front_of_a_batch_equal_reading_their_bank(pack, sd15, sch
     torch.testing.assert_close(together[refs:], read, atol=1e-5, rtol=0)
     # the bank acts: the panels differ from panels drawn without it by far more than the tolerance
     assert (read - draw(sd15, story_noise, story_cond, steps)).abs().max() > 1e-4
+
+
+def test_story_batches_reference_mode_equals_reading_the_bank(host, pack, sd15):
+    # The same through the nodes and the stock KSampler: SDN_StoryBatches with reference_positive/reference_story
+    # puts the references (their own noise indices) in front of every batch; Merge Panels keeps them once. Against:
+    # the references drawn alone while recording a bank, then every batch of the rest reading it, each panel with
+    # the same noise index (batch_index, as the bank-free batches give it).
+    import nodes as comfy_nodes
+
+    sel, story_nodes = pack("story.select"), pack("nodes.story_nodes")
+    patch, bank_mod = pack("attention.patch"), pack("attention.bank")
+    story = pack("story.parser").parse_story(
+        "[Ann] a girl\n---\n[Ann] one\n[Ann] two\n[Ann] three\n[Ann] four\n[Ann] five\n")
+    gen = torch.Generator().manual_seed(5)
+    full = [[torch.randn(5, 77, 64, generator=gen), {}]]
+    negative = [[torch.randn(1, 77, 64, generator=gen), {}]]
+    ref_pos, refs = sel.select_panels(story, "references", "Ann", 2)
+    rest_pos, rest = sel.select_panels(story, "rest", "", 2)
+    ref_cond, rest_cond = (sel.slice_conditioning(full, pos, 5, "test") for pos in (ref_pos, rest_pos))
+
+    def ksampler(model, positive, latent):
+        (out,) = comfy_nodes.common_ksampler(model, 7, 2, 5.0, "euler", "normal", positive, negative, latent)
+        return out["samples"]
+
+    def csa(reference_count):
+        return csa_model(pack, sd15, rate=0.5, refs=reference_count, seed=3)
+
+    rec = bank_mod.BankRecorder(storage_dtype=torch.float32)
+    alone = ksampler(patch.apply_recording(csa(0), rec), ref_cond, {"samples": torch.zeros(2, 4, 16, 16)})
+    reader = patch.apply_reading(sd15, patch.BankReader((bank_mod.CharacterBank.from_recorder(rec, "Ann", ""),)))
+    read = torch.cat([ksampler(reader, sel.slice_conditioning(rest_cond, rows, 3, "test"),
+                               {"samples": torch.zeros(len(rows), 4, 16, 16), "batch_index": [2 + i for i in rows]})
+                      for rows in sel.split_batches(3, 2)])
+
+    conds, latents, stories, _ = story_nodes.StoryBatches.execute(
+        rest_cond, rest, 2, 128, 128, reference_positive=ref_cond, reference_story=refs).result
+    drawn = [ksampler(csa(2), c, l).permute(0, 2, 3, 1) for c, l in zip(conds, latents)]  # as IMAGE (B, H, W, C)
+    merged, _, count = story_nodes.MergePanels.execute(drawn, stories).result
+    assert count == 5
+    # equal up to float32 rounding (batches of other sizes sum in another order)
+    torch.testing.assert_close(drawn[1][:2], drawn[0][:2], atol=3e-4, rtol=0)  # the references, in every batch
+    torch.testing.assert_close(merged[:2], alone.permute(0, 2, 3, 1), atol=3e-4, rtol=0)
+    torch.testing.assert_close(merged[2:], read.permute(0, 2, 3, 1), atol=3e-4, rtol=0)
+    plain = torch.cat([ksampler(sd15, sel.slice_conditioning(rest_cond, rows, 3, "test"),
+                                {"samples": torch.zeros(len(rows), 4, 16, 16), "batch_index": [2 + i for i in rows]})
+                       for rows in sel.split_batches(3, 2)])
+    assert (read - plain).abs().max() > 1e-2  # the references act on the panels, far beyond the tolerance

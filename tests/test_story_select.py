@@ -147,6 +147,60 @@ def test_story_batches_node(pack, story):
         nodes.StoryBatches.execute(cond, pack("story.select").sub_story(rest, []), 3, 96, 64)
 
 
+def test_story_batches_reference_mode(pack, story):
+    """Bank-free reference mode: the reference panels' rows, panels and noise indices in front of every batch."""
+    nodes, sel = pack("nodes.story_nodes"), pack("story.select")
+    err = pack("errors").NodeInputError
+    full = sel.slice_conditioning(per_panel_cond(9), range(9), 9, "X")
+    ref_pos, refs = sel.select_panels(story, "references", "Ann", 2)
+    rest_pos, rest = sel.select_panels(story, "rest", "", 2)
+    ref_cond, rest_cond = (sel.slice_conditioning(full, pos, 9, "X") for pos in (ref_pos, rest_pos))
+    out = nodes.StoryBatches.execute(rest_cond, rest, 3, 96, 64, reference_positive=ref_cond, reference_story=refs)
+    conds, latents, stories, counts = out.result
+    assert [p.index for p in refs.panels] == [2, 4]
+    panels = [[p.index for p in s.panels] for s in stories]
+    assert panels == [[2, 4, 0, 1, 5], [2, 4, 7, 8]]  # rest: not a reference of Ann (2, 4) or Bob (3, 6)
+    assert [rows_of(c[0]) for c in conds] == panels
+    assert counts == [5, 4] and all(s.carried == 2 for s in stories)
+    # noise: the references 0..1 in every batch, panel p of the rest story at 2 + p
+    assert [l["batch_index"] for l in latents] == [[0, 1, 2, 3, 4], [0, 1, 5, 6]]
+    assert [tuple(l["samples"].shape) for l in latents] == [(5, 4, 8, 12), (4, 4, 8, 12)]
+    # Merge Panels keeps each reference once and every panel in story order
+    images = [coded_images(p) for p in panels]
+    merged, captions, count = nodes.MergePanels.execute(images, stories).result
+    drawn = [0, 1, 2, 4, 5, 7, 8]
+    assert count == 7 and captions.split("\n") == [str(i) for i in drawn]
+    assert (merged[:, 0, 0, 0] * 100).round().long().tolist() == drawn
+    # the references drawn elsewhere too (images_2): those are kept, the carried copies dropped
+    merged, _, count = nodes.MergePanels.execute(images, stories, images_2=[coded_images([2, 4]) * 0 + 0.5],
+                                                 story_2=[refs]).result
+    assert count == 7 and merged[[2, 3], 0, 0, 0].tolist() == [0.5, 0.5]
+    with pytest.raises(err, match="reference_story.*a connection"):
+        nodes.StoryBatches.execute(rest_cond, rest, 3, 96, 64, reference_positive=ref_cond)
+    with pytest.raises(err, match="reference_positive.*token count.*got \\(70, 8\\)"):
+        nodes.StoryBatches.execute(rest_cond, rest, 3, 96, 64, reference_positive=[[c[:, :70], e] for c, e in ref_cond],
+                                   reference_story=refs)
+    # one prompt for every panel (batch-1 entries) still gives one row per image
+    one = [[torch.full((1, 77, 8), 7.0), {"pooled_output": torch.full((1, 5), 7.0), "shared": torch.ones(3, 2),
+                                          "attention_mask": torch.full((1, 77), 7)}]]
+    conds = nodes.StoryBatches.execute(one, rest, 3, 96, 64, reference_positive=ref_cond, reference_story=refs).result[0]
+    assert [rows_of(c[0]) for c in conds] == [[2, 4, 7, 7, 7], [2, 4, 7, 7]]
+    with pytest.raises(err, match="reference_positive.*2 panels.*got 9 rows"):
+        nodes.StoryBatches.execute(rest_cond, rest, 3, 96, 64, reference_positive=full, reference_story=refs)
+
+
+def test_story_batches_latent_template(pack, story):
+    """An empty latent (e.g. Flux's 16 channels) sets every batch's channels and size; width/height are ignored."""
+    nodes = pack("nodes.story_nodes")
+    cond = per_panel_cond(9)
+    template = {"samples": torch.zeros(1, 16, 5, 7), "batch_index": [3], "downscale_ratio_spacial": 8}
+    _, latents, _, _ = nodes.StoryBatches.execute(cond, story, 4, 96, 64, empty_latent=template).result
+    assert [tuple(l["samples"].shape) for l in latents] == [(4, 16, 5, 7), (4, 16, 5, 7), (1, 16, 5, 7)]
+    assert all(set(l) == {"samples", "downscale_ratio_spacial"} for l in latents)
+    with pytest.raises(pack("errors").NodeInputError, match="empty_latent.*samples tensor"):
+        nodes.StoryBatches.execute(cond, story, 4, 96, 64, empty_latent={"samples": torch.zeros(4, 8)})
+
+
 # -- merging ------------------------------------------------------------------------------------------------
 
 def coded_images(indices, h=8, w=6):
