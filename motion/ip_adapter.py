@@ -335,15 +335,76 @@ def frame_indices(extra_options: dict, batch: int, total: int) -> list[int]:
     return idx
 
 
+CONTEXT = "sdn_ip_adapter"  # transformer_options key of the model call's AdapterCall; key of its APPLY_MODEL wrapper
+
+
+@dataclass(frozen=True)
+class AdapterCall:
+    """What the IP-Adapter patches of one model call look up (:func:`describe_call`).
+
+    ``chunks``: cond_or_uncond (row = chunk * images + image; chunk 1 is negative); ``sigma``: the call's sigma
+    (a float), None when no adapter of the model has a sigma range; ``frames[n]``: for embeds of n frames, the
+    embedding each image of a chunk reads, int64 ``(images,)`` on the compute device.
+    """
+
+    chunks: tuple
+    sigma: float | None
+    frames: dict
+
+    def active(self, sigma_range) -> bool:
+        """Whether an adapter with ``sigma_range`` (high, low), or None (always), acts in this call."""
+        if sigma_range is None or self.sigma is None:
+            return True
+        hi, lo = sigma_range
+        return lo <= self.sigma <= hi
+
+
+def describe_call(options: dict, rows: int, lengths, sigma: float | None, device) -> AdapterCall:
+    """The :class:`AdapterCall` of a model call of ``rows`` latent rows: its transformer_options ``options``, the
+    embeds lengths of the model's adapters ``lengths`` (1: one embedding for every frame), ``sigma`` (already read
+    from the device, or None), ``device``: the compute device. The index tensors are copied to it without waiting.
+    Raises NodeInputError / FrameLayoutError as :func:`frame_indices`, RuntimeError when the rows do not split into
+    the call's cond/uncond chunks."""
+    chunks = tuple(int(c) for c in options.get("cond_or_uncond") or (0,))
+    if rows % len(chunks):
+        raise RuntimeError(f"{NODE_APPLY}: {rows} rows do not split into {len(chunks)} cond/uncond chunks")
+    images = rows // len(chunks)
+    frames = {n: torch.tensor([0] * images if n == 1 else frame_indices(options, images, n))
+              .to(device, non_blocking=True) for n in lengths}
+    return AdapterCall(chunks, sigma, frames)
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterCalls:
+    """APPLY_MODEL wrapper of an IP-Adapter-patched model, one however many adapters are chained: builds the call's
+    :class:`AdapterCall` once (one host read of the sigma when ``gated``: some adapter has a sigma range) and hands
+    it to the attn2 patches in transformer_options, so they never read the device. ``lengths``: the embeds
+    lengths of the model's adapters."""
+
+    lengths: frozenset
+    gated: bool
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        options = transformer_options or {}
+        call = describe_call(options, x.shape[0], self.lengths, float(t.max()) if self.gated else None, x.device)
+        return executor(x, t, c_concat, c_crossattn, control, {**options, CONTEXT: call}, **kwargs)
+
+
 class IPAdapterAttn2:
     """One ``attn2`` replace patch: decoupled cross-attention with per-frame image tokens.
 
     ``adapter``: the IP-Adapter's ModelPatcher (:attr:`IPAdapterModel.patcher`), ``layer``: this block's index
     into its ``to_k_ip``/``to_v_ip``; ``pos``/``neg``: projected image tokens (F, T, D_cross) for positive /
-    negative chunks. ``sigma_range`` (high, low): active when low <= sigma <= high. ``models()`` names the
-    adapter (and a chained patch's models) so ComfyUI loads its weights together with the UNet; ``to(device or
-    dtype)`` returns a moved copy (ComfyUI calls it on the patcher it loads), ``deepcopy`` returns self (see
-    comfy-host pitfall 8: ModelPatcher.clone deep-copies model_options).
+    negative chunks. ``sigma_range`` (high, low): active when low <= sigma <= high. The model call's
+    :class:`AdapterCall` (made by the model's :class:`AdapterCalls` wrapper) says which frames its rows are and
+    whether the sigma is in range; StoryDiffusionError when it is missing (the UNet called without apply_model's
+    wrappers). ``models()`` names the adapter (and a chained patch's models) so ComfyUI loads its weights
+    together with the UNet; ``to(device or dtype)`` returns a moved copy (ComfyUI calls it on the patcher it
+    loads), ``deepcopy`` returns self (see comfy-host pitfall 8: ModelPatcher.clone deep-copies model_options).
     """
 
     def __init__(self, adapter, layer: int, pos, neg, weight: float, sigma_range=None, base=None):
@@ -363,18 +424,10 @@ class IPAdapterAttn2:
     def models(self) -> list:
         return [self.adapter, *(self.base.models() if hasattr(self.base, "models") else [])]
 
-    def _active(self, extra_options) -> bool:
-        if self.sigma_range is None:
-            return True
-        sigmas = extra_options.get("sigmas")
-        if sigmas is None:
-            return True
-        s = float(sigmas.detach().flatten()[0])
-        hi, lo = self.sigma_range
-        return lo <= s <= hi
-
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules.attention import optimized_attention
+
+        from ..errors import StoryDiffusionError
 
         heads = extra_options["n_heads"]
         prec = extra_options.get("attn_precision")
@@ -382,21 +435,18 @@ class IPAdapterAttn2:
             out = self.base(q, k, v, extra_options)
         else:
             out = optimized_attention(q, k, v, heads, attn_precision=prec)
-        if self.weight == 0.0 or not self._active(extra_options):
+        if self.weight == 0.0:
             return out
-        chunks = list(extra_options.get("cond_or_uncond") or [0])
-        rows = q.shape[0]
-        if rows % len(chunks):
-            raise RuntimeError(f"{NODE_APPLY}: {rows} rows do not split into {len(chunks)} cond/uncond chunks")
-        batch = rows // len(chunks)
-        if self.pos.shape[0] == 1:  # one image prompt for every frame
-            idx = [0] * batch
-        else:
-            idx = frame_indices(extra_options, batch, self.pos.shape[0])
-        idx_t = torch.tensor(idx, device=self.pos.device)
-        pos, neg = self.pos.index_select(0, idx_t), self.neg.index_select(0, idx_t)
-        # row = chunk * batch + frame; negative chunks (1) take the negative image tokens
-        img = torch.cat([neg if c == 1 else pos for c in chunks], dim=0).to(q.device, q.dtype)
+        call = extra_options.get(CONTEXT)
+        if call is None:
+            raise StoryDiffusionError(f"{NODE_APPLY}: a cross-attention layer was called outside the patched model's "
+                                      f"model call (its context is missing): run the model through a ComfyUI sampler")
+        if not call.active(self.sigma_range):
+            return out
+        idx = call.frames[self.pos.shape[0]]
+        pos, neg = (t.to(idx.device).index_select(0, idx) for t in (self.pos, self.neg))
+        # row = chunk * images + image; negative chunks (1) take the negative image tokens
+        img = torch.cat([neg if c == 1 else pos for c in call.chunks], dim=0).to(q.device, q.dtype)
         weights = self.adapter.model
         # loaded with the UNet (models()); cast per call like ComfyUI's manual_cast ops (a no-op once in place)
         ik = img @ weights.to_k_ip[self.layer].weight.to(q.device, q.dtype).t()
@@ -481,8 +531,10 @@ def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tenso
     its output replaces the plain text attention, and this adapter's image attention is added to it.
     Sampling with it refuses conditionings whose rows are neither 1 nor the latent frame count
     (:func:`check_frame_counts`); the adapter's weights are loaded together with the UNet (the patches'
-    ``models()``). Raises NodeInputError when the adapter does not fit the UNet (layer count, widths) or the
-    embeds, UnsupportedModelError for models other than image UNets.
+    ``models()``). The model carries one :class:`AdapterCalls` APPLY_MODEL wrapper for all its adapters: each
+    model call's frames and gate are decided there once, not in the layers. Raises NodeInputError when the
+    adapter does not fit the UNet (layer count, widths) or the embeds, UnsupportedModelError for models other than
+    image UNets.
     """
     from comfy.patcher_extension import WrappersMP
 
@@ -510,6 +562,11 @@ def apply_ip_adapter(model_patcher, adapter: IPAdapterModel, embeds: torch.Tenso
     for layer, (key, _) in enumerate(blocks):
         base = existing.get(key, existing.get(key[:2]))
         m.set_model_attn2_replace(IPAdapterAttn2(adapter.patcher, layer, pos, neg, weight, sigma_range, base), *key)
+    chained = m.get_wrappers(WrappersMP.APPLY_MODEL, CONTEXT)  # the adapters already on the model
+    calls = AdapterCalls(frozenset({pos.shape[0]}.union(*(w.lengths for w in chained))),
+                         sigma_range is not None or any(w.gated for w in chained))
+    m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, CONTEXT)
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, CONTEXT, calls)
     m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, "sdn_frame_counts")  # once, however many adapters
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "sdn_frame_counts", check_frame_counts)
     return m

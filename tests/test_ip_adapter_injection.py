@@ -195,20 +195,19 @@ def small_plus(ipmod, unet):
                                                      tokens=8, depth=1, seed=5))
 
 
-def run_unet(m, x, cond_or_uncond=(0,), extra=None, ctx=None):
-    """One model call the way calc_cond_batch makes it: rows = chunk * B + frame."""
+def run_unet(m, x, cond_or_uncond=(0,), extra=None, ctx=None, sigma=5.0):
+    """One model call the way calc_cond_batch makes it (rows = chunk * B + frame), through the model's apply_model
+    with the patcher's wrappers, as the sampler runs them."""
     chunks = len(cond_or_uncond)
     b = x.shape[0]
     g = torch.Generator().manual_seed(7)
     if ctx is None:
         ctx = torch.randn(1, 77, 64, generator=g).expand(b * chunks, -1, -1)
-    to = copy.copy(m.model_options["transformer_options"])
-    to["cond_or_uncond"] = list(cond_or_uncond)
-    to["sigmas"] = torch.full((b * chunks,), 5.0)
-    to.update(extra or {})
-    t = torch.full((b * chunks,), 500.0)
+    sigmas = torch.full((b * chunks,), sigma)
+    to = {**m.model_options["transformer_options"], "wrappers": m.wrappers, "cond_or_uncond": list(cond_or_uncond),
+          "sigmas": sigmas, **(extra or {})}
     with torch.no_grad():
-        return m.model.diffusion_model(x.repeat(chunks, 1, 1, 1), t, context=ctx, transformer_options=to)
+        return m.model.apply_model(x.repeat(chunks, 1, 1, 1), sigmas, c_crossattn=ctx, transformer_options=to)
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +276,9 @@ def test_context_windows_slice_embeds(ipmod, unet, small_plus, latents, embeds, 
 def test_two_applications_chain(ipmod, unet, small_plus, latents, embeds):
     half = ipmod.apply_ip_adapter(ipmod.apply_ip_adapter(unet, small_plus, embeds, weight=0.5), small_plus, embeds,
                                   weight=0.5)
+    from comfy.patcher_extension import WrappersMP
+
+    assert len(half.get_wrappers(WrappersMP.APPLY_MODEL, ipmod.CONTEXT)) == 1  # one per patched model
     torch.testing.assert_close(run_unet(half, latents),
                                run_unet(ipmod.apply_ip_adapter(unet, small_plus, embeds, weight=1.0), latents),
                                rtol=1e-4, atol=1e-5)
@@ -295,6 +297,31 @@ def test_start_end_percent_gate(ipmod, unet, small_plus, latents, embeds):
     assert torch.equal(run_unet(late, latents), base)
     early = ipmod.apply_ip_adapter(unet, small_plus, embeds, start_percent=0.0, end_percent=0.3)
     assert (run_unet(early, latents) - base).abs().max() > 1e-4
+    # an adapter chained after it without a range keeps its gate (the model's one wrapper knows both)
+    assert torch.equal(run_unet(ipmod.apply_ip_adapter(late, small_plus, embeds, weight=0.0), latents), base)
+
+
+def test_unet_called_without_its_wrappers_is_refused(ipmod, unet, small_plus, latents, embeds, errors_mod):
+    # the layers only look up what the model's APPLY_MODEL wrapper decided for the call; called bare they say so
+    m = ipmod.apply_ip_adapter(unet, small_plus, embeds)
+    to = {**m.model_options["transformer_options"], "cond_or_uncond": [0]}
+    with pytest.raises(errors_mod.StoryDiffusionError, match="SDN_ApplyTransitionEmbeds.*outside.*sampler"):
+        m.model.diffusion_model(latents, torch.full((F,), 500.0), context=torch.zeros(F, 77, 64),
+                                transformer_options=to)
+
+
+def test_adds_no_host_sync_per_layer(ipmod, unet, small_plus, embeds):
+    # Two chained adapters on 16 cross-attention layers, both gated by start/end percent, one per-frame and one
+    # with a single embed: a device read or a tensor made from host data in every layer call would add 64 per
+    # model call. The wrapper's one read of the call's sigma and one index tensor per embeds length are all the
+    # adapters may add.
+    from host_syncs import syncs_per_call
+
+    plain = syncs_per_call(unet, images=2, kind="sd15", steps=1, copies=True)
+    m = ipmod.apply_ip_adapter(unet, small_plus, embeds[:2], start_percent=0.0, end_percent=0.9)
+    m = ipmod.apply_ip_adapter(m, small_plus, embeds[:1], start_percent=0.0, end_percent=0.5)
+    patched = syncs_per_call(m, images=2, kind="sd15", steps=1, copies=True)
+    assert patched - plain <= 3, (plain, patched)
 
 
 def test_plain_kind_and_embeds_mismatch(ipmod, unet, latents, errors_mod):

@@ -147,8 +147,11 @@ def test_embeds_slice_under_ad_context_window(te, small_cv, pack):
     attn.optimized_attention = fake_attention
     try:
         q = torch.zeros(4, 3, 4)
-        patch(q, q, q, {"n_heads": 1, "cond_or_uncond": [1, 0],
-                        "ad_params": {"full_length": frames, "context_length": 2, "sub_idxs": [3, 4]}})
+        options = {"n_heads": 1, "cond_or_uncond": [1, 0],
+                   "ad_params": {"full_length": frames, "context_length": 2, "sub_idxs": [3, 4]}}
+        # the model call's context, as the patched model's APPLY_MODEL wrapper makes it
+        call = ipmod.describe_call(options, q.shape[0], {frames}, None, q.device)
+        patch(q, q, q, {**options, ipmod.CONTEXT: call})
     finally:
         attn.optimized_attention = orig
     ik = seen["kv"][1]  # second call: the image tokens
