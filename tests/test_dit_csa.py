@@ -106,3 +106,76 @@ def test_one_image_and_rate_zero_are_the_unpatched_model(host, pack, kind):
     for b, rate in ((1, 1.0), (3, 0.0)):
         assert torch.equal(sample_dit(csa(pack, model, rate=rate), b, kind, cfg=2.0),
                            sample_dit(model, b, kind, cfg=2.0)), (b, rate)
+
+
+def test_rate_half_is_the_oracle_on_the_same_draws(host, pack):
+    """Rate 0.5: the oracle takes each image's extra tokens from the plan of the step (the UNet draw, keyed by
+    seed, step, tokens and group size), so every step re-draws and both CFG halves and all blocks share it."""
+    plan_for = pack("attention.context").plan_for
+
+    def override(func, q, k, v, heads, *args, **kwargs):
+        opts = kwargs["transformer_options"]
+        rows, h, n, d = q.shape
+        b = rows // len(opts["cond_or_uncond"])
+        schedule = opts["sample_sigmas"].tolist()[:-1]
+        step = min(range(len(schedule)), key=lambda i: abs(schedule[i] - float(opts["sigmas"][0])))
+        idx = plan_for(7, step, n - TEXT, b, 0.5).all_idx
+        flat = lambda t: t.transpose(0, 1).reshape(n, h * d)  # noqa: E731
+        out = torch.empty(rows, n, h * d)
+        for row in range(rows):
+            chunk, i = divmod(row, b)
+            pool_k = torch.cat([flat(k[chunk * b + j])[TEXT:] for j in range(b)])
+            pool_v = torch.cat([flat(v[chunk * b + j])[TEXT:] for j in range(b)])
+            out[row, :TEXT] = mha(flat(q[row])[:TEXT], flat(k[row]), flat(v[row]), h)
+            out[row, TEXT:] = mha(flat(q[row])[TEXT:], torch.cat((flat(k[row]), pool_k[idx[i]])),
+                                  torch.cat((flat(v[row]), pool_v[idx[i]])), h)
+        return out
+
+    model = small_flux("flux1")
+    got = sample_dit(csa(pack, model, rate=0.5, seed=7), 3, "flux1", cfg=2.0, steps=3)
+    close(got, sample_dit(with_override(model, override), 3, "flux1", cfg=2.0, steps=3))
+    assert (got - sample_dit(csa(pack, model, rate=0.5, seed=8), 3, "flux1", cfg=2.0, steps=3)).abs().max() > 1e-4
+
+
+def test_an_earlier_attention_override_still_runs(host, pack):
+    """A model that already had an attention override keeps it: CSA calls it with the extended keys."""
+    seen = []
+
+    def counting(func, q, k, v, heads, *args, **kwargs):
+        seen.append(k.shape[2])
+        return func(q, k, v, heads, *args, **kwargs)
+
+    model = with_override(small_flux("flux1"), counting)
+    got = sample_dit(csa(pack, model), 2, "flux1")
+    close(got, sample_dit(with_override(small_flux("flux1"), joint_oracle(TEXT, ALL)), 2, "flux1"))
+    assert set(seen) == {TEXT + 9, TEXT + 9 + 9}  # text queries: own 6 + 3x3 tokens; image queries: + the other 9
+
+
+def test_character_banks_are_refused_with_the_reference_mode_hint(host, pack):
+    patch, errors, bank = pack("attention.patch"), pack("errors"), pack("attention.bank")
+    model = csa(pack, small_flux("flux1"))
+    with pytest.raises(errors.UnsupportedModelError, match="SDN_RecordCharacterBank.*reference_count"):
+        patch.apply_recording(model, bank.BankRecorder())
+    with pytest.raises(errors.UnsupportedModelError, match="SDN_ReadCharacterBanks.*reference_count"):
+        patch.apply_reading(model, patch.BankReader(()))
+
+
+def test_no_host_syncs_in_the_blocks(host, pack):
+    """The patch reads the device once per model call (the sigma) and once per run (the schedule), never per
+    block: the same added syncs per call with 2 or 6 patched blocks."""
+    from host_syncs import HostSyncs
+
+    def added(depth):
+        model = small_flux("flux1", depth=depth, single=2 * depth)
+        counts = []
+        for m in (model, csa(pack, model, rate=0.5)):
+            calls = []
+            m = m.clone()
+            m.set_model_unet_function_wrapper(lambda f, a: calls.append(1) or f(a["input"], a["timestep"], **a["c"]))
+            with HostSyncs() as syncs:
+                sample_dit(m, 2, "flux1", cfg=2.0)
+            counts.append(syncs.count / len(calls))
+        return counts[1] - counts[0]
+
+    one, three = added(1), added(3)
+    assert one == three == 1 + 1 / 2, (one, three)  # 2 calls (cfg 2, 2 steps): 1 sigma each, 1 schedule
