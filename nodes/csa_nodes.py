@@ -56,9 +56,10 @@ class ConsistentSelfAttention(io.ComfyNode):
                 io.Combo.Input("dit_blocks", options=list(DIT_BLOCK_CHOICES), default="single-stream", optional=True,
                                tooltip=(
                     "Which blocks of a DiT get CSA in their joint attention (image queries also see the other "
-                    "images' image tokens; text queries keep their own panel). 'single-stream' (default): Flux's "
-                    "later blocks, as the reference app patches the later half (the decoder) of a UNet, at two "
-                    "thirds of the cost of 'all'. 'double-stream': the early blocks. Ignored for UNets.")),
+                    "images' image tokens; text queries keep their own panel). 'single-stream' (default): the later "
+                    "blocks (Flux.1 and Chroma: 38 of 57), as the reference app patches the later half (the "
+                    "decoder) of a UNet, at two thirds of the extra cost of 'all'. 'double-stream': the early "
+                    "blocks. Ignored for UNets.")),
             ],
             outputs=[io.Model.Output(display_name="CSA model", tooltip="A patched clone; the input model is unchanged.")],
         )

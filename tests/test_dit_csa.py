@@ -179,3 +179,17 @@ def test_no_host_syncs_in_the_blocks(host, pack):
 
     one, three = added(1), added(3)
     assert one == three == 1 + 1 / 2, (one, three)  # 2 calls (cfg 2, 2 steps): 1 sigma each, 1 schedule
+
+
+def test_node_patches_single_stream_blocks_by_default(host, pack):
+    import comfy.patcher_extension as ext
+
+    node = pack("nodes.csa_nodes").ConsistentSelfAttention
+    args = dict(sampling_rate_1_32=0.5, sampling_rate_1_16=0.5, sampling_rate_1_8=0.5, reference_count=0, seed=0,
+                blocks="decoder", start_percent=0.0, end_percent=1.0, schedule="always", tile_size=0)
+    for choice, layers in ((None, {"single.0", "single.1"}), ("all", {"double.0", "double.1", "single.0", "single.1"}),
+                           ("double-stream", {"double.0", "double.1"})):
+        extra = {} if choice is None else {"dit_blocks": choice}
+        model = node.execute(small_flux("flux1", depth=2, single=2), **args, **extra).result[0]
+        (spec,) = model.get_wrappers(ext.WrappersMP.APPLY_MODEL, "storydiffusion_native")
+        assert set(spec.layers) == layers, choice
