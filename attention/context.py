@@ -24,7 +24,7 @@ from .frames import window_frames
 CONTEXT = "storydiffusion_native"  # transformer_options key: the model call's Call
 RUN = "storydiffusion_native_run"  # transformer_options key: the sampling run's Run
 NODE = "SDN_ConsistentSelfAttention"
-_BLOCK_IDS = {"input": 1, "middle": 2, "output": 3}
+_BLOCK_IDS = {"input": 1, "middle": 2, "output": 3, "double": 4, "single": 5}
 _REFERENCE_DRAW = 0xBA4C  # separates the reference-token draw from the plan draws of the same step
 
 
@@ -131,7 +131,8 @@ class Call:
     """One model call: ``rows`` = ``len(chunks)`` x ``images`` latent rows, ``row = chunk * images + image``;
     ``chunks``: cond_or_uncond; ``step`` (None without a schedule); ``frames``: the rows' absolute image indices
     under a context window, else None; ``latent_hw``; ``levels[factor]``: CSA where it is active; ``sharing``: the
-    layers where CSA runs in this call (active range, rate > 0, the schedule's gates); ``record``/``read``."""
+    layers where CSA runs in this call (active range, rate > 0, the schedule's gates); ``record``/``read``;
+    ``text``: the conditioning's token count (a DiT's joint sequence starts with it)."""
 
     rows: int
     images: int
@@ -143,6 +144,7 @@ class Call:
     sharing: frozenset
     record: Recording | None = None
     read: Reading | None = None
+    text: int = 0
 
     def level(self, layer) -> Level | None:
         """The CSA level of ``layer`` (a roles.SelfAttention) in this call, None where it does not share."""
@@ -198,10 +200,11 @@ class Run:
             value = self.cache[key] = build()
         return value
 
-    def describe(self, x: torch.Tensor, sigma: float, options: dict) -> Call:
-        """The Call of one model call: latent rows ``x`` ``(rows, C, H, W)``, its ``sigma`` (a float: read once per
-        call by the wrapper), its transformer_options. Raises FrameLayoutError for an unknown window layout and
-        BankMismatchError for what banks cannot do (windows while recording, panels beyond the story)."""
+    def describe(self, x: torch.Tensor, sigma: float, options: dict, text: int = 0) -> Call:
+        """The Call of one model call: latent rows ``x`` ``(rows, C, H, W)`` (or ``(rows, C, T, H, W)``), its
+        ``sigma`` (a float: read once per call by the wrapper), its transformer_options, its ``text`` tokens.
+        Raises FrameLayoutError for an unknown window layout and BankMismatchError for what banks cannot do
+        (windows while recording, panels beyond the story)."""
         spec, s = self.spec, self.spec.settings
         chunks = tuple(int(c) for c in options.get("cond_or_uncond") or (0,))
         rows = x.shape[0]
@@ -220,7 +223,7 @@ class Run:
         record = self._record(step, step_key, images, chunks, frames, latent_hw, sharing) \
             if self.recording is not None and sharing else None
         read = self._read(step, images, chunks, frames) if spec.reader is not None else None
-        return Call(rows, images, chunks, step, frames, latent_hw, levels, sharing, record, read)
+        return Call(rows, images, chunks, step, frames, latent_hw, levels, sharing, record, read, text)
 
     def _levels(self, step_key, images, frames, latent_hw, sharing) -> dict:
         s, spec = self.spec.settings, self.spec
@@ -233,7 +236,7 @@ class Run:
                 order = tuple(ref_pos + [p for p in range(images) if p not in ref_pos])
         levels = {}
         for factor in {spec.layers[name].factor for name in sharing}:
-            tokens, rate = level_tokens(latent_hw, factor), s.rate_for(factor)
+            tokens, rate = spec.tokens(latent_hw, factor), s.rate_for(factor)
 
             def build():
                 plan = plan_for(s.seed, step_key, tokens, images, rate, refs, s.tile_size).to(self.device)
@@ -252,7 +255,7 @@ class Run:
         layers, picks = [], {}
         for name in sorted(sharing):
             layer = spec.layers[name]
-            tokens, rate = level_tokens(latent_hw, layer.factor), s.rate_for(layer.factor)
+            tokens, rate = spec.tokens(latent_hw, layer.factor), s.rate_for(layer.factor)
             layers.append((name, images * tokens_per_source(tokens, rate), layer.channels))
             picks[tokens] = self._cached(step_key, ("picks", tokens, images, rate), lambda: reference_draw(
                 s.seed, step_key, tokens, images, rate).to(self.device, non_blocking=True))

@@ -214,3 +214,80 @@ def naive_consistent_self_attention(q, k, v, heads, plan: SamplingPlan, attentio
             vv = torch.cat((v4[chunk, i], vf[idx]), 0)[None]
             outs.append(attention_fn(q4[chunk, i][None], kk, vv, heads))
     return torch.cat(outs, 0)
+
+
+def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SamplingPlan,
+                               image_span: tuple[int, int], attention_fn: Callable[..., torch.Tensor],
+                               mask: torch.Tensor | None = None, token_dim: int = 1) -> torch.Tensor:
+    """CSA in a DiT's joint attention (text, image and appended tokens in one sequence), for ``G`` chunks of one
+    group of B images sharing one plan.
+
+    q, k, v: ``[G * B, heads, N, D]`` (ComfyUI's ``skip_reshape`` layout, after RoPE), ``row = chunk * B + image``;
+    ``image_span`` = (start, stop): the image tokens of every row, ``stop - start == plan.num_tokens``. The image
+    queries of image i attend to its own N tokens plus the image tokens the plan samples from the other images of
+    its chunk (the plan's indices are flat into the chunk's ``B * (stop - start)`` image tokens); every other query
+    (text, appended reference tokens) attends to its own row only. Shared keys are gathered straight from the
+    head layout, once, into the extended key tensor.
+
+    ``attention_fn(q, k, v, mask)`` is the model's attention on that layout; its output has the query tokens on
+    ``token_dim`` (1 for ``[rows, N, heads * D]``, 2 for ``[rows, heads, N, D]``). ``mask``: None, or an additive
+    (float) or boolean mask broadcastable to ``[rows, heads, N, N]``; the extra keys are always visible. Returns
+    what ``attention_fn`` returns for the whole sequence. Rate 0 or B = 1: one plain call.
+    """
+    rows, h, n, d = q.shape
+    b, (s, e) = plan.num_images, image_span
+    if plan.per_source == 0 or b == 1:
+        return attention_fn(q, k, v, mask)
+    if rows % b or e - s != plan.num_tokens or e > n or k.shape[2] != n:
+        raise ValueError(f"CSA: q {tuple(q.shape)} / k {tuple(k.shape)} with image tokens {s}:{e} do not fit a plan "
+                         f"for {b} images x {plan.num_tokens} tokens")
+    g = rows // b
+    mask = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    rest = [(0, s)] + ([(e, n)] if e < n else [])
+    out = None
+    if s > 0 or e < n:  # text and appended tokens: their own row only
+        pick = (lambda t: t[:, :, :s]) if e == n else (lambda t: torch.cat([t[:, :, a:z] for a, z in rest], 2))
+        plain = attention_fn(pick(q), k, v, None if mask is None or mask.shape[2] == 1 else pick(mask))
+        shape = list(plain.shape)
+        shape[token_dim] = n
+        out, done = plain.new_empty(shape), 0
+        for a, z in rest:
+            out.narrow(token_dim, a, z - a).copy_(plain.narrow(token_dim, done, z - a))
+            done += z - a
+    q5, k5, v5 = (t.reshape(g, b, h, n, d) for t in (q, k, v))
+    r = plan.ref_count
+    parts = ((slice(0, b), plan.all_idx),) if r == 0 else ((slice(0, r), plan.ref_idx), (slice(r, b), plan.story_idx))
+    for images, idx in parts:
+        source, token = idx // (e - s), s + idx % (e - s)
+        kk, vv = (_joint_keys(t5, images, source, token) for t5 in (k5, v5))
+        count = kk.shape[0] // g
+        part_mask = None if mask is None else _image_mask(mask, g, b, images, s, e, idx.shape[1])
+        res = attention_fn(q5[:, images, :, s:e].reshape(g * count, h, e - s, d), kk, vv, part_mask)
+        if out is None:
+            shape = list(res.shape)
+            shape[0], shape[token_dim] = rows, n
+            out = res.new_empty(shape)
+        out.reshape(g, b, *out.shape[1:])[:, images].narrow(token_dim + 1, s, e - s).copy_(
+            res.reshape(g, count, *res.shape[1:]))
+    return out
+
+
+def _joint_keys(x5: torch.Tensor, images: slice, source: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """``[G * T, heads, N + E, D]``: rows ``images`` of x5 ``[G, B, heads, N, D]``, each followed by the E tokens
+    ``(source, token)`` (``[T, E]`` each) of its chunk, gathered in one indexing."""
+    g, _, h, n, d = x5.shape
+    t, extra = source.shape
+    out = x5.new_empty(g, t, h, n + extra, d)
+    out[..., :n, :] = x5[:, images]
+    out[..., n:, :] = x5[:, source, :, token].permute(2, 0, 3, 1, 4)  # indexing puts [T, E] first
+    return out.reshape(g * t, h, n + extra, d)
+
+
+def _image_mask(mask: torch.Tensor, g: int, b: int, images: slice, s: int, e: int, extra: int) -> torch.Tensor:
+    """The 4-D ``mask`` for the image queries of rows ``images`` of every chunk, with ``extra`` visible keys."""
+    if mask.shape[0] != 1:
+        mask = mask.reshape(g, b, *mask.shape[1:])[:, images].reshape(-1, *mask.shape[1:])
+    if mask.shape[2] != 1:
+        mask = mask[:, :, s:e]
+    visible = torch.ones if mask.dtype == torch.bool else torch.zeros
+    return torch.cat((mask, visible(*mask.shape[:3], extra, dtype=mask.dtype, device=mask.device)), -1)

@@ -32,7 +32,8 @@ from dataclasses import dataclass, replace
 
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .bank import BankMismatchError, BankRecorder
-from .context import CONTEXT, NODE, RUN, Run
+from .context import CONTEXT, NODE, RUN, Run, level_tokens
+from .dit import DIT_BLOCK_CHOICES, Family, JointAttention, dit_family, dit_layers
 from .roles import RecordPatch, SelfAttention
 
 WRAPPER = "storydiffusion_native"  # key of the pack's model wrappers
@@ -50,7 +51,8 @@ class CSASettings:
     """What the SDN_ConsistentSelfAttention node configures.
 
     rates: sampling rate by image-level downsampling factor of the layer (8, 16, 32; coarser layers use the
-    1/32 rate). reference_count: R (0 = all-to-all). seed: sampling seed. blocks: ComfyUI block names to patch.
+    1/32 rate; DiT image tokens sit at 1/16). reference_count: R (0 = all-to-all). seed: sampling seed. blocks:
+    ComfyUI block names to patch in a UNet; dit_blocks: block types to patch in a DiT ("double", "single").
     sigma_start / sigma_end: CSA is active while ``sigma_end <= sigma <= sigma_start``.
     schedule: "always", or "storydiffusion" (the reference app: plain attention at step 0, then each layer call
     skips CSA with probability 0.3 for steps 1..19 and 0.1 from step 20, deterministic per seed).
@@ -65,6 +67,7 @@ class CSASettings:
     sigma_end: float = 0.0
     schedule: str = "always"
     tile_size: int = 0
+    dit_blocks: tuple[str, ...] = DIT_BLOCK_CHOICES["single-stream"]
 
     def rate_for(self, factor: int) -> float:
         rates = dict(self.rates)
@@ -168,17 +171,23 @@ class StoryAttention:
     """What one patched model does in its self-attention layers, registered as its APPLY_MODEL wrapper (one
     context per model call) and OUTER_SAMPLE wrapper (one :class:`~.context.Run` per sampling run).
 
-    ``settings``: CSA settings (None: a model that only reads banks); ``layers``: ``{name: SelfAttention}``, the
-    layers it patched; ``recorder`` (write phase) or ``reader`` (read phase).
+    ``settings``: CSA settings (None: a model that only reads banks); ``layers``: ``{name: SelfAttention}`` (or
+    ``{name: dit.JointLayer}``), the layers it patched; ``recorder`` (write phase) or ``reader`` (read phase);
+    ``family``: the DiT family (None: a UNet).
     """
 
     settings: CSASettings | None
     layers: dict
     recorder: BankRecorder | None = None
     reader: BankReader | None = None
+    family: Family | None = None
 
     def __deepcopy__(self, memo):
         return self
+
+    def tokens(self, latent_hw: tuple, factor: int) -> int:
+        """Image tokens of the model's layers at ``factor`` for a latent of ``latent_hw``."""
+        return level_tokens(latent_hw, factor) if self.family is None else self.family.image_tokens(latent_hw)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
@@ -188,7 +197,8 @@ class StoryAttention:
         if run is None or run.spec is not self:  # ComfyUI merges model wrappers only where a sampler runs
             raise StoryDiffusionError(f"{NODE}: the patched model was called outside a run of ComfyUI's sampler "
                                       f"(its OUTER_SAMPLE wrapper did not run)")
-        call = run.describe(x, float(t.max()), options)  # the call's one host read
+        text = 0 if self.family is None or c_crossattn is None else c_crossattn.shape[1]
+        call = run.describe(x, float(t.max()), options, text)  # the call's one host read
         return executor(x, t, c_concat, c_crossattn, control, {**options, CONTEXT: call}, **kwargs)
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
@@ -231,11 +241,16 @@ def csa_settings_of(model_patcher) -> CSASettings | None:
 
 
 def apply_csa(model_patcher, settings: CSASettings):
-    """Return a clone of ``model_patcher`` with CSA on the self-attention of ``settings.blocks``.
+    """Return a clone of ``model_patcher`` with CSA on the self-attention of ``settings.blocks`` (a UNet) or on the
+    joint attention of ``settings.dit_blocks`` (a DiT, dit.py).
 
-    Existing attn1 replace patches on the same keys are kept and called with the extended keys. Raises
-    UnsupportedModelError for models without UNet transformer blocks.
+    Existing attn1 replace patches (UNet) or attention override (DiT) are kept and called with the extended
+    keys. Raises UnsupportedModelError for models that are neither a UNet with transformer blocks nor a
+    supported DiT.
     """
+    family = dit_family(model_patcher)
+    if family is not None:
+        return _apply_dit_csa(model_patcher, family, settings)
     blocks = _self_attention(model_patcher)
     m = model_patcher.clone()
     existing = _attn1_replaces(m)
@@ -252,8 +267,33 @@ def apply_csa(model_patcher, settings: CSASettings):
     return m
 
 
+def _apply_dit_csa(model_patcher, family: Family, settings: CSASettings):
+    m = model_patcher.clone()
+    options = m.model_options.setdefault("transformer_options", {})
+    previous = options.get("optimized_attention_override")
+    if isinstance(previous, JointAttention):  # CSA applied twice: the new settings replace the old ones
+        previous = previous.previous
+    layers = dit_layers(family, settings.dit_blocks)
+    options["optimized_attention_override"] = JointAttention(layers, previous)
+    _install(m, StoryAttention(settings, {layer.name: layer for layer in layers.values()}, family=family))
+    return m
+
+
+def refuse_dit_banks(model_patcher, node: str) -> None:
+    """Raise UnsupportedModelError naming ``node`` when ``model_patcher`` is a DiT: character banks are UNet-only
+    (a Flux bank at 1024 px would hold tens of GB); bank-free reference mode gives the same result."""
+    family = dit_family(model_patcher, node)
+    if family is not None:
+        raise UnsupportedModelError(
+            f"{node}: input 'model': character banks are not available on DiT models (got {family.name}: a bank "
+            f"holds every patched block's tokens for every step, tens of GB at 1024 px). Use bank-free reference "
+            f"mode instead: put the reference panels in front of every batch (SDN_StoryBatches) and set "
+            f"SDN_ConsistentSelfAttention's reference_count to their number; it gives what reading a bank would.")
+
+
 def apply_recording(model_patcher, recorder: BankRecorder):
     """Clone a CSA-patched model so it also records into ``recorder`` (write phase) while it is sampled."""
+    refuse_dit_banks(model_patcher, "SDN_RecordCharacterBank")
     spec = _story_attention(model_patcher)
     if spec is None or spec.settings is None:
         raise StoryDiffusionError("SDN_RecordCharacterBank: input 'model': expected a model patched by "
@@ -273,6 +313,7 @@ def apply_reading(model_patcher, reader: BankReader, node: str = "SDN_ReadCharac
     ``reader.share``); other recorded layers only read. Raises UnsupportedModelError (see
     :func:`attention_blocks`) and BankMismatchError when a bank holds a layer the model does not have.
     """
+    refuse_dit_banks(model_patcher, node)
     blocks = _self_attention(model_patcher, node)
     spec = _story_attention(model_patcher)
     m = model_patcher.clone()

@@ -1,6 +1,7 @@
 """SDN_ConsistentSelfAttention: patch a MODEL with StoryDiffusion's Consistent Self-Attention."""
 from comfy_api.latest import io
 
+from ..attention.dit import DIT_BLOCK_CHOICES
 from ..attention.patch import BLOCK_CHOICES, SCHEDULE_CHOICES, CSASettings, apply_csa
 from ..errors import NodeInputError
 
@@ -19,12 +20,16 @@ class ConsistentSelfAttention(io.ComfyNode):
             category="StoryDiffusion/attention",
             description=cls.__doc__,
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x, SD2.x or SDXL model (LoRAs and other patches are kept)."),
+                io.Model.Input("model", tooltip=(
+                    "SD1.x, SD2.x or SDXL model, or a DiT: Flux.1 (dev, schnell), Flux.2, Chroma (LoRAs and other "
+                    "patches are kept).")),
                 io.Float.Input("sampling_rate_1_32", **_RATE, tooltip=(
                     "Share of another image's tokens each image sees, in layers at 1/32 of the image size "
                     "(and coarser). The reference app's sa32. 0 = plain self-attention, 1 = all tokens.")),
                 io.Float.Input("sampling_rate_1_16", **_RATE, tooltip=(
-                    "Same for layers at 1/16 of the image size (the reference app's sa64).")),
+                    "Same for layers at 1/16 of the image size (the reference app's sa64). DiT models (Flux, Chroma) "
+                    "have all their image tokens at 1/16 (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): this rate "
+                    "applies to every patched DiT block.")),
                 io.Float.Input("sampling_rate_1_8", **_RATE, tooltip=(
                     "Same for layers at 1/8 of the image size (SD1.x/SD2.x only; SDXL has none).")),
                 io.Int.Input("reference_count", default=0, min=0, max=64, tooltip=(
@@ -35,7 +40,8 @@ class ConsistentSelfAttention(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the token sampling (re-drawn every step, deterministic per seed)."),
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="decoder", tooltip=(
-                    "Which self-attention layers get CSA. 'decoder' = the UNet's output blocks, as the reference app.")),
+                    "Which self-attention layers of a UNet get CSA. 'decoder' = the UNet's output blocks, as the "
+                    "reference app. DiT models use dit_blocks.")),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Part of the sampling schedule where CSA starts (0 = first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -47,13 +53,20 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "Sliding window (paper, Algorithm 1): 0 = off; T > 1 = each image shares only with the T - 1 "
                     "images around it in the batch, so the extra keys per image stay bounded in long batches. "
                     "Only with reference_count 0.")),
+                io.Combo.Input("dit_blocks", options=list(DIT_BLOCK_CHOICES), default="single-stream", optional=True,
+                               tooltip=(
+                    "Which blocks of a DiT get CSA in their joint attention (image queries also see the other "
+                    "images' image tokens; text queries keep their own panel). 'single-stream' (default): the later "
+                    "blocks (Flux.1 and Chroma: 38 of 57), as the reference app patches the later half (the "
+                    "decoder) of a UNet, at two thirds of the extra cost of 'all'. 'double-stream': the early "
+                    "blocks. Ignored for UNets.")),
             ],
             outputs=[io.Model.Output(display_name="CSA model", tooltip="A patched clone; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, sampling_rate_1_32, sampling_rate_1_16, sampling_rate_1_8, reference_count, seed,
-                blocks, start_percent, end_percent, schedule, tile_size=0) -> io.NodeOutput:
+                blocks, start_percent, end_percent, schedule, tile_size=0, dit_blocks="single-stream") -> io.NodeOutput:
         node = "SDN_ConsistentSelfAttention"
         if start_percent > end_percent:
             raise NodeInputError(node, "start_percent", f"a value <= end_percent ({end_percent})",
@@ -68,7 +81,8 @@ class ConsistentSelfAttention(io.ComfyNode):
             rates=((8, sampling_rate_1_8), (16, sampling_rate_1_16), (32, sampling_rate_1_32)),
             reference_count=reference_count, seed=seed, blocks=BLOCK_CHOICES[blocks],
             sigma_start=float(sampling.percent_to_sigma(start_percent)),
-            sigma_end=float(sampling.percent_to_sigma(end_percent)), schedule=schedule, tile_size=tile_size)
+            sigma_end=float(sampling.percent_to_sigma(end_percent)), schedule=schedule, tile_size=tile_size,
+            dit_blocks=DIT_BLOCK_CHOICES[dit_blocks])
         return io.NodeOutput(apply_csa(model, settings))
 
 

@@ -80,3 +80,42 @@ def small_svd(seed: int = 0):
     model = sm.SVD_img2vid(unet_config).get_model({}, device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed=seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def small_flux(kind: str = "flux1", seed: int = 0, scale: float = 0.2, depth: int = 1, single: int = 1):
+    """A ModelPatcher around a Flux-family DiT with its real block layout (``depth`` double-stream and ``single``
+    single-stream blocks), width 64, 2 heads, random weights.
+
+    ``kind``: "flux1" (Flux.1-dev: guidance embedding, 16-channel latent, patch 2), "schnell" (no guidance),
+    "flux2" (Flux.2: 128-channel latent, patch 1, 4 RoPE axes, global modulation) or "chroma" (Chroma: its
+    modulation approximator). Text tokens are 32 wide; Flux.1 also takes a 32-wide pooled vector.
+    """
+    import dataclasses
+
+    import comfy.ldm.flux.model as flux
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    common = {"hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": depth, "depth_single_blocks": single,
+              "context_in_dim": 32, "theta": 10000, "dtype": torch.float32}
+    if kind in ("flux1", "schnell"):
+        config = {**common, "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16,
+                  "vec_in_dim": 32, "axes_dim": [8, 12, 12], "qkv_bias": True, "guidance_embed": kind == "flux1"}
+        cls = sm.Flux if kind == "flux1" else sm.FluxSchnell
+    elif kind == "flux2":
+        config = {**common, "image_model": "flux2", "in_channels": 128, "patch_size": 1, "out_channels": 128,
+                  "vec_in_dim": None, "axes_dim": [8, 8, 8, 8], "theta": 2000, "qkv_bias": False,
+                  "guidance_embed": True, "global_modulation": True, "mlp_silu_act": True, "ops_bias": False}
+        cls = sm.Flux2
+    elif kind == "chroma":
+        config = {**common, "image_model": "chroma", "in_channels": 64, "patch_size": 2, "out_channels": 64,
+                  "axes_dim": [8, 12, 12], "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 64,
+                  "n_layers": 1}
+        cls = sm.Chroma
+    else:
+        raise ValueError(kind)
+    if kind != "chroma" and "txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)}:
+        config["txt_ids_dims"] = [] if kind != "flux2" else [3]  # current ComfyUI's field, as its detection sets it
+    model = cls(config).get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed, scale=scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

@@ -96,37 +96,18 @@ def _small_sd2(scale=0.05):
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
 
-def _small_flux():
-    """Flux.1's real block layout (double and single stream blocks), tiny widths."""
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-    import torch
-
-    import dataclasses
-
-    import comfy.ldm.flux.model as flux
-
-    config = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32,
-              "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-              "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
-              "guidance_embed": True, "dtype": torch.float32}
-    if "txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)}:
-        config["txt_ids_dims"] = []  # current ComfyUI's field; its model detection gives Flux.1 this value
-    cfg = sm.Flux(config)
-    return comfy.model_patcher.ModelPatcher(cfg.get_model({}, device=torch.device("cpu")), torch.device("cpu"),
-                                            torch.device("cpu"))
-
-
 def test_accepted_model_families_are_the_readme_ones(host, pack):
-    """README: CSA works on SD1.x, SD2.x and SDXL (oracle-exact, through the sampler); DiTs such as Flux and
-    video UNets (SVD) are refused with a clear error."""
+    """README: CSA works on SD1.x, SD2.x and SDXL (oracle-exact, through the sampler) and on the Flux family
+    (Flux.1, Flux.2, Chroma: tests/test_dit_csa.py); other DiTs (Qwen-Image here) and video UNets (SVD) are
+    refused with a clear error naming the node (and, for DiTs, the supported families)."""
     import pytest
     import torch
-    from models import small_svd, small_unet
+    from models import small_flux, small_svd, small_unet
     from sampling_helpers import close, csa_model, sample, with_oracle
 
     readme = (REPO / "README.md").read_text()
     assert "SD1.x, SD2.x, SDXL" in readme and "refused" in readme
+    assert pack("attention.dit").SUPPORTED in readme, "README does not list the supported DiT families"
     errors = pack("errors")
     for kind, model in (("sd15", small_unet("sd15", scale=0.05)), ("sd2", _small_sd2()),
                         ("sdxl", small_unet("sdxl", scale=0.05))):
@@ -134,6 +115,23 @@ def test_accepted_model_families_are_the_readme_ones(host, pack):
         csa = sample(csa_model(pack, model), 2, kind=sample_kind)
         close(csa, sample(with_oracle(model), 2, kind=sample_kind))
         assert (csa - sample(model, 2, kind=sample_kind)).abs().max() > 1e-3, f"{kind}: CSA changed nothing"
-    for name, model in (("Flux", _small_flux()), ("SVD", small_svd())):
+    for kind in ("flux1", "schnell", "flux2", "chroma"):
+        csa_model(pack, small_flux(kind))
+    for name, model in (("Qwen-Image", _small_qwen_image()), ("SVD", small_svd())):
         with pytest.raises(errors.UnsupportedModelError, match="SDN_ConsistentSelfAttention"):
             csa_model(pack, model)
+    with pytest.raises(errors.UnsupportedModelError, match="Flux.1 .dev, schnell., Flux.2, Chroma"):
+        csa_model(pack, _small_qwen_image())
+
+
+def _small_qwen_image():
+    """Qwen-Image's real block layout (one joint block), tiny widths."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import torch
+
+    config = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
+              "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+              "axes_dims_rope": (4, 6, 6), "dtype": torch.float32}
+    return comfy.model_patcher.ModelPatcher(sm.QwenImage(config).get_model({}, device=torch.device("cpu")),
+                                            torch.device("cpu"), torch.device("cpu"))

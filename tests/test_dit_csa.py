@@ -1,0 +1,195 @@
+"""CSA on DiT models (issue 9): the joint-attention adapter through ComfyUI's real sampler, against an independent
+per-image oracle written from the semantics: in each cond_or_uncond chunk, the IMAGE queries of image i attend to
+its own joint sequence plus the image tokens of the other images (rate 1: all of them), its TEXT queries to its
+own sequence only."""
+import pytest
+import torch
+
+from models import small_flux
+from sampling_helpers import close, mha
+
+KINDS = ("flux1", "schnell", "chroma", "flux2")
+TEXT = 6  # text tokens of the test conditioning (Flux.2 pads them to 512)
+
+
+def text_tokens(kind):
+    return 512 if kind == "flux2" else TEXT
+
+
+def sample_dit(model, b, kind, cfg=1.0, steps=2, seed=0, size=6):
+    """Sample a ``b``-image batch of a small Flux-family model with the stock sampler (``size``: latent side)."""
+    import comfy.sample
+
+    gen = torch.Generator().manual_seed(123)
+    extra = lambda n: {"pooled_output": torch.randn(n, 32, generator=gen)}  # noqa: E731  (Flux's encode_adm reads it)
+    positive = [[torch.randn(b, TEXT, 32, generator=gen), extra(b)]]
+    negative = [[torch.randn(1, TEXT, 32, generator=gen), extra(1)]]
+    latent = torch.zeros(b, 128 if kind == "flux2" else 16, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=seed,
+                               disable_pbar=True)
+
+
+def joint_oracle(text, blocks, refs=0):
+    """Independent CSA at rate 1 in the joint attention of ``blocks`` ((block_type, index), ...): a loop over the
+    images of every chunk building each image's keys (text + image of its own row; image queries also the image
+    tokens of the other images, or of the references in reference mode)."""
+    def override(func, q, k, v, heads, *args, **kwargs):
+        opts = kwargs["transformer_options"]
+        if (opts["block_type"], opts["block_index"]) not in blocks:
+            return func(q, k, v, heads, *args, **kwargs)
+        rows, h, n, d = q.shape
+        b = rows // len(opts["cond_or_uncond"])
+        flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], h * d)  # noqa: E731  [h, n, d] -> [n, h*d]
+        out = torch.empty(rows, n, h * d, dtype=q.dtype)
+        for row in range(rows):
+            chunk, i = divmod(row, b)
+            if refs and i < refs:
+                partners = [j for j in range(refs) if j != i]
+            elif refs:
+                partners = list(range(refs))
+            else:
+                partners = [j for j in range(b) if j != i]
+            others = [chunk * b + j for j in partners]
+            kk = torch.cat([flat(k[row])] + [flat(k[r])[text:] for r in others])
+            vv = torch.cat([flat(v[row])] + [flat(v[r])[text:] for r in others])
+            out[row, :text] = mha(flat(q[row])[:text], flat(k[row]), flat(v[row]), h)
+            out[row, text:] = mha(flat(q[row])[text:], kk, vv, h)
+        return out
+    return override
+
+
+def with_override(model, override):
+    m = model.clone()
+    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    return m
+
+
+def csa(pack, model, rate=1.0, refs=0, dit_blocks=("double", "single"), **kw):
+    patch = pack("attention.patch")
+    return patch.apply_csa(model, patch.CSASettings(rates=((8, rate), (16, rate), (32, rate)), reference_count=refs,
+                                                    dit_blocks=dit_blocks, **kw))
+
+
+ALL = {("double", 0), ("single", 0)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rate_one_is_the_joint_oracle(host, pack, kind):
+    """Rate 1, every block, CFG 3 (two chunks in one call): equal to the per-image oracle; and CSA is visible."""
+    model = small_flux(kind)
+    got = sample_dit(csa(pack, model), 3, kind, cfg=3.0)
+    close(got, sample_dit(with_override(model, joint_oracle(text_tokens(kind), ALL)), 3, kind, cfg=3.0))
+    assert (got - sample_dit(model, 3, kind, cfg=3.0)).abs().max() > 1e-3, "CSA changed nothing"
+
+
+@pytest.mark.parametrize("kind", ("flux1", "chroma"))
+def test_reference_mode_and_cfg_one_match_the_oracle(host, pack, kind):
+    """R = 2 references of 4 images, guidance-distilled cfg 1 (one chunk): the references share among themselves,
+    the others see the references' image tokens only."""
+    model = small_flux(kind)
+    got = sample_dit(csa(pack, model, refs=2), 4, kind)
+    close(got, sample_dit(with_override(model, joint_oracle(TEXT, ALL, refs=2)), 4, kind))
+
+
+def test_block_choice_patches_only_those_blocks(host, pack):
+    """dit_blocks = single-stream: the double-stream block stays plain."""
+    model = small_flux("flux1", depth=2, single=2)
+    got = sample_dit(csa(pack, model, dit_blocks=("single",)), 2, "flux1", cfg=2.0)
+    oracle = joint_oracle(TEXT, {("single", 0), ("single", 1)})
+    close(got, sample_dit(with_override(model, oracle), 2, "flux1", cfg=2.0))
+
+
+@pytest.mark.parametrize("kind", ("flux1", "flux2"))
+def test_one_image_and_rate_zero_are_the_unpatched_model(host, pack, kind):
+    model = small_flux(kind)
+    for b, rate in ((1, 1.0), (3, 0.0)):
+        assert torch.equal(sample_dit(csa(pack, model, rate=rate), b, kind, cfg=2.0),
+                           sample_dit(model, b, kind, cfg=2.0)), (b, rate)
+
+
+def test_rate_half_is_the_oracle_on_the_same_draws(host, pack):
+    """Rate 0.5: the oracle takes each image's extra tokens from the plan of the step (the UNet draw, keyed by
+    seed, step, tokens and group size), so every step re-draws and both CFG halves and all blocks share it."""
+    plan_for = pack("attention.context").plan_for
+
+    def override(func, q, k, v, heads, *args, **kwargs):
+        opts = kwargs["transformer_options"]
+        rows, h, n, d = q.shape
+        b = rows // len(opts["cond_or_uncond"])
+        schedule = opts["sample_sigmas"].tolist()[:-1]
+        step = min(range(len(schedule)), key=lambda i: abs(schedule[i] - float(opts["sigmas"][0])))
+        idx = plan_for(7, step, n - TEXT, b, 0.5).all_idx
+        flat = lambda t: t.transpose(0, 1).reshape(n, h * d)  # noqa: E731
+        out = torch.empty(rows, n, h * d)
+        for row in range(rows):
+            chunk, i = divmod(row, b)
+            pool_k = torch.cat([flat(k[chunk * b + j])[TEXT:] for j in range(b)])
+            pool_v = torch.cat([flat(v[chunk * b + j])[TEXT:] for j in range(b)])
+            out[row, :TEXT] = mha(flat(q[row])[:TEXT], flat(k[row]), flat(v[row]), h)
+            out[row, TEXT:] = mha(flat(q[row])[TEXT:], torch.cat((flat(k[row]), pool_k[idx[i]])),
+                                  torch.cat((flat(v[row]), pool_v[idx[i]])), h)
+        return out
+
+    model = small_flux("flux1")
+    got = sample_dit(csa(pack, model, rate=0.5, seed=7), 3, "flux1", cfg=2.0, steps=3)
+    close(got, sample_dit(with_override(model, override), 3, "flux1", cfg=2.0, steps=3))
+    assert (got - sample_dit(csa(pack, model, rate=0.5, seed=8), 3, "flux1", cfg=2.0, steps=3)).abs().max() > 1e-4
+
+
+def test_an_earlier_attention_override_still_runs(host, pack):
+    """A model that already had an attention override keeps it: CSA calls it with the extended keys."""
+    seen = []
+
+    def counting(func, q, k, v, heads, *args, **kwargs):
+        seen.append(k.shape[2])
+        return func(q, k, v, heads, *args, **kwargs)
+
+    model = with_override(small_flux("flux1"), counting)
+    got = sample_dit(csa(pack, model), 2, "flux1")
+    close(got, sample_dit(with_override(small_flux("flux1"), joint_oracle(TEXT, ALL)), 2, "flux1"))
+    assert set(seen) == {TEXT + 9, TEXT + 9 + 9}  # text queries: own 6 + 3x3 tokens; image queries: + the other 9
+
+
+def test_character_banks_are_refused_with_the_reference_mode_hint(host, pack):
+    patch, errors, bank = pack("attention.patch"), pack("errors"), pack("attention.bank")
+    model = csa(pack, small_flux("flux1"))
+    with pytest.raises(errors.UnsupportedModelError, match="SDN_RecordCharacterBank.*reference_count"):
+        patch.apply_recording(model, bank.BankRecorder())
+    with pytest.raises(errors.UnsupportedModelError, match="SDN_ReadCharacterBanks.*reference_count"):
+        patch.apply_reading(model, patch.BankReader(()))
+
+
+def test_no_host_syncs_in_the_blocks(host, pack):
+    """The patch reads the device once per model call (the sigma) and once per run (the schedule), never per
+    block: the same added syncs per call with 2 or 6 patched blocks."""
+    from host_syncs import HostSyncs
+
+    def added(depth):
+        model = small_flux("flux1", depth=depth, single=2 * depth)
+        counts = []
+        for m in (model, csa(pack, model, rate=0.5)):
+            calls = []
+            m = m.clone()
+            m.set_model_unet_function_wrapper(lambda f, a: calls.append(1) or f(a["input"], a["timestep"], **a["c"]))
+            with HostSyncs() as syncs:
+                sample_dit(m, 2, "flux1", cfg=2.0)
+            counts.append(syncs.count / len(calls))
+        return counts[1] - counts[0]
+
+    one, three = added(1), added(3)
+    assert one == three == 1 + 1 / 2, (one, three)  # 2 calls (cfg 2, 2 steps): 1 sigma each, 1 schedule
+
+
+def test_node_patches_single_stream_blocks_by_default(host, pack):
+    import comfy.patcher_extension as ext
+
+    node = pack("nodes.csa_nodes").ConsistentSelfAttention
+    args = dict(sampling_rate_1_32=0.5, sampling_rate_1_16=0.5, sampling_rate_1_8=0.5, reference_count=0, seed=0,
+                blocks="decoder", start_percent=0.0, end_percent=1.0, schedule="always", tile_size=0)
+    for choice, layers in ((None, {"single.0", "single.1"}), ("all", {"double.0", "double.1", "single.0", "single.1"}),
+                           ("double-stream", {"double.0", "double.1"})):
+        extra = {} if choice is None else {"dit_blocks": choice}
+        model = node.execute(small_flux("flux1", depth=2, single=2), **args, **extra).result[0]
+        (spec,) = model.get_wrappers(ext.WrappersMP.APPLY_MODEL, "storydiffusion_native")
+        assert set(spec.layers) == layers, choice
