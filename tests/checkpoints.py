@@ -79,3 +79,51 @@ def install_random_weights(host, folder: str, name: str, shapes: dict, seed: int
             sd[k] = t.half().contiguous()
         save_file(sd, str(path))
     return name
+
+
+# Small widths and depths for ComfyUI's text-encoder classes, passed as ``<model_name>_model_config`` model options
+# (ComfyUI's own per-encoder override of the JSON config). Vocabularies stay real: ComfyUI's bundled tokenizers
+# emit every id. CLIP and Qwen3 keep 3 layers because SD3's CLIP and Z-Image read the penultimate one; Qwen's
+# head width (128) is fixed by ComfyUI's config class. SD3 concatenates CLIP and T5 tokens at width 4096, so its
+# T5 keeps d_model 4096 (one narrow layer: the 32128 x 4096 embedding is most of it).
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+             "projection_dim": 32}
+TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+TINY_T5_SD3 = {"d_model": 4096, "d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 1}
+TINY_QWEN = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+             "num_key_value_heads": 1}
+
+
+def tiny_text_encoder(family: str, seed: int = 0):
+    """A ``comfy.sd.CLIP`` with the text encoders and tokenizers ComfyUI uses for ``family`` (``flux``: CLIP-L +
+    T5-XXL, ``sd3``: CLIP-L + CLIP-G + T5-XXL, ``chroma``: T5-XXL, ``z_image``: Qwen3, ``qwen_image``:
+    Qwen2.5-VL), built from ComfyUI's own classes (the ones ``comfy.sd.load_text_encoder_state_dicts`` picks for
+    that family) at the small sizes above, float32, deterministic random weights. Qwen2.5-VL's vision tower has a
+    fixed full size in ComfyUI and only encodes images: it is left uninitialised (never touched, so never in
+    memory) and text prompts never reach it."""
+    import comfy.sd
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.pixart_t5
+    import comfy.text_encoders.qwen_image
+    import comfy.text_encoders.sd3_clip
+    import comfy.text_encoders.z_image
+    from comfy.supported_models_base import ClipTarget
+
+    targets = {
+        "flux": (ClipTarget(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip()),
+                 {"clip_l_model_config": TINY_CLIP, "t5xxl_model_config": TINY_T5}),
+        "sd3": (ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.sd3_clip.sd3_clip()),
+                {"clip_l_model_config": TINY_CLIP, "clip_g_model_config": TINY_CLIP,
+                 "t5xxl_model_config": TINY_T5_SD3}),
+        "chroma": (ClipTarget(comfy.text_encoders.pixart_t5.PixArtTokenizer, comfy.text_encoders.pixart_t5.pixart_te()),
+                   {"t5xxl_model_config": TINY_T5}),
+        "z_image": (ClipTarget(comfy.text_encoders.z_image.ZImageTokenizer, comfy.text_encoders.z_image.te()),
+                    {"qwen3_4b_model_config": TINY_QWEN}),
+        "qwen_image": (ClipTarget(comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te()),
+                       {"qwen25_7b_model_config": TINY_QWEN}),
+    }
+    target, configs = targets[family]
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, **configs})
+    model = clip.cond_stage_model
+    init_weights_(model.qwen25_7b.transformer.model if family == "qwen_image" else model, seed=seed)
+    return clip
