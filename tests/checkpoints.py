@@ -60,8 +60,9 @@ def write_random_checkpoint(path, kind="sd15", seed=0):
 
 
 def install_random_weights(host, folder: str, name: str, shapes: dict, seed: int, bias_scale: float = 0.0) -> str:
-    """Write a state dict of ``shapes`` (fp16; norm weights 1, biases N(0, bias_scale), others N(0, 0.02)) as
-    ``models/<folder>/<name>`` of the test host, once per session; return ``name`` for the loader node."""
+    """Write a state dict of ``shapes`` (fp16; norm weights and RMSNorm scales 1, biases N(0, bias_scale), others
+    N(0, 0.02)) as ``models/<folder>/<name>`` of the test host, once per session; return ``name`` for the loader
+    node."""
     from safetensors.torch import save_file
 
     path = host.base_directory / "models" / folder / name
@@ -70,7 +71,7 @@ def install_random_weights(host, folder: str, name: str, shapes: dict, seed: int
         g = torch.Generator().manual_seed(seed)
         sd = {}
         for k, shape in shapes.items():
-            if "norm" in k and k.endswith("weight"):
+            if ("norm" in k and k.endswith("weight")) or k.endswith(".scale"):
                 t = torch.ones(shape)
             elif k.endswith("bias"):
                 t = torch.randn(shape, generator=g) * bias_scale
@@ -127,3 +128,54 @@ def tiny_text_encoder(family: str, seed: int = 0):
     model = clip.cond_stage_model
     init_weights_(model.qwen25_7b.transformer.model if family == "qwen_image" else model, seed=seed)
     return clip
+
+
+# Flux.1 as ComfyUI 0.3.75's model detection reads it from a diffusion-model file: it fixes 24 heads and RoPE axes
+# (16, 56, 56), so the width must stay 3072 (head width 128); depth, text width and pooled width come from the
+# file's shapes and can be small. Current ComfyUI derives the heads from the width (width // 128), same result.
+FLUX_STOCK_UNET = {"in_channels": 16, "out_channels": 16, "vec_in_dim": TINY_CLIP["hidden_size"], "context_in_dim": TINY_T5["d_model"],
+                   "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 1,
+                   "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+FLUX_FILES = {"unet": ("diffusion_models", "sdn-random-flux1-dev.safetensors"),
+              "vae": ("vae", "sdn-random-flux-ae.safetensors"),
+              "clip_l": ("text_encoders", "sdn-tiny-clip_l.safetensors"),
+              "t5xxl": ("text_encoders", "sdn-tiny-t5xxl.safetensors")}
+
+
+def write_random_flux_files(host, seed: int = 0) -> dict:
+    """Write, once per session, the files of a Flux.1-dev workflow into the host's model folders, in the real
+    files' key formats: the diffusion model for the stock UNETLoader (``FLUX_STOCK_UNET``: full width, one
+    double and one single block, about 0.5 B parameters, 1 GB fp16), the Flux VAE for the stock VAELoader (the
+    real architecture: 16 latent channels, width 128, 84 M parameters), and small CLIP-L and T5-XXL files (widths
+    ``TINY_CLIP`` / ``TINY_T5``) for ``SDNTest_TinyTextEncoders`` (the stock DualCLIPLoader builds both encoders
+    at full size from ComfyUI's bundled JSON configs, 4.9 B parameters, whatever the file holds).
+    Returns ``{"unet" | "vae" | "clip_l" | "t5xxl": file name}`` for the loader nodes."""
+    import dataclasses
+
+    import comfy.ldm.flux.model as flux
+    import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+    from safetensors.torch import save_file
+
+    params = {f.name for f in dataclasses.fields(flux.FluxParams)}
+    unet = dict(FLUX_STOCK_UNET, **({"txt_ids_dims": []} if "txt_ids_dims" in params else {}))  # current ComfyUI
+    with torch.device("meta"):
+        unet_shapes = {k: v.shape for k, v in flux.Flux(operations=comfy.ops.disable_weight_init, **unet).state_dict().items()}
+        ddconfig = dict(SD_VAE_DDCONFIG, z_channels=16)
+        vae = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+        vae_shapes = {k: v.shape for k, v in vae.state_dict().items()}
+    names = {"unet": install_random_weights(host, *FLUX_FILES["unet"], unet_shapes, seed=seed),
+             "vae": install_random_weights(host, *FLUX_FILES["vae"], vae_shapes, seed=seed)}
+    encoders = tiny_text_encoder("flux", seed=seed).cond_stage_model
+    for key in ("clip_l", "t5xxl"):
+        folder, name = FLUX_FILES[key]
+        path = host.base_directory / "models" / folder / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sd = getattr(encoders, key).transformer.state_dict()
+            save_file({k: v.half().contiguous() for k, v in sd.items()}, str(path))
+        names[key] = name
+    return names

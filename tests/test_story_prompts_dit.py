@@ -205,3 +205,37 @@ def test_unknown_tokenizer_with_unequal_lengths_is_refused(host, pack, encode):
         encode.encode_panels(clip, [SHORT, MID])
     [[cond, _]] = encode.encode_panels(clip, [SHORT, SHORT])  # equal lengths need no padding
     assert cond.shape[0] == 2
+
+
+def test_flux_files_load_through_the_stock_loaders(host):
+    """The files of a Flux.1-dev workflow (tests/checkpoints.py) through ComfyUI's executor: the stock UNETLoader
+    detects Flux.1-dev from the keys and shapes and keeps the file's depth and text widths, the stock VAELoader
+    gives a 16-channel Flux VAE, and SDN_StoryPrompt encodes a story with the CLIP-L + T5-XXL pair."""
+    from checkpoints import FLUX_STOCK_UNET, TINY_T5, write_random_flux_files
+
+    import comfy.supported_models as sm
+
+    files = write_random_flux_files(host)
+    story = "[Fox] a small orange fox\n---\n[Fox] in the snow\n[Fox] " + LONG
+    run = host.run({
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
+        "3": {"class_type": "SDNTest_TinyTextEncoders",
+              "inputs": {"clip_name1": files["clip_l"], "clip_name2": files["t5xxl"], "type": "flux"}},
+        "4": {"class_type": "SDN_StoryPrompt",
+              "inputs": {"clip": ["3", 0], "story": story, "style": "none", "negative": ""}},
+        **{str(n): {"class_type": "PreviewAny", "inputs": {"source": src}}
+           for n, src in ((5, ["1", 0]), (6, ["2", 0]), (7, ["4", 2]))},
+    })
+    model = run.node_output("1", 0).model
+    assert type(model.model_config) is sm.Flux  # guidance_embed in the keys: dev, not schnell
+    config = model.model_config.unet_config
+    assert {k: config[k] for k in ("hidden_size", "depth", "depth_single_blocks", "context_in_dim", "vec_in_dim")} \
+        == {k: FLUX_STOCK_UNET[k] for k in ("hidden_size", "depth", "depth_single_blocks", "context_in_dim", "vec_in_dim")}
+    assert len(model.diffusion_model.double_blocks) == 1 and len(model.diffusion_model.single_blocks) == 1
+    vae = run.node_output("2", 0)
+    assert vae.latent_channels == 16
+    assert run.node_output("4", 2) == 2
+    [[cond, extras]] = run.node_output("4", 0)
+    assert cond.shape[0] == 2 and cond.shape[1] > 256 and cond.shape[2] == TINY_T5["d_model"]
+    assert extras["pooled_output"].shape == (2, FLUX_STOCK_UNET["vec_in_dim"])
