@@ -6,6 +6,10 @@
 - ``write_random_checkpoint(path, kind="sd15")``: a full-size single-file checkpoint (UNet + CLIP + VAE)
   written by ComfyUI's own ``comfy.sd.save_checkpoint``, so the stock CheckpointLoaderSimple detects it as it
   would a real SD1.5 file. Weights are scaled Gaussian noise (the loader never sees real weights here).
+- ``tiny_text_encoder(family)``: comfy.sd.CLIP of the DiT text encoders (Flux.1, SD3, Chroma, Z-Image, Qwen-Image)
+  at small widths, with ComfyUI's bundled tokenizers.
+- ``write_random_flux_files(host)``: the diffusion model, VAE and text-encoder files of a Flux.1-dev workflow
+  for the stock UNETLoader / VAELoader and the test-only ``SDNTest_TinyTextEncoders``.
 """
 import torch
 
