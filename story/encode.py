@@ -1,10 +1,13 @@
-"""Encode a parsed story into per-panel CONDITIONING with ComfyUI's CLIP API.
+"""Encode a parsed story into per-panel CONDITIONING with ComfyUI's tokenizer and text-encoder API.
 
 Hand-off format (the one AnimateDiff-Evolved / prompt-schedule packs use for per-frame prompts): ONE entry
 ``[[cond, extras]]`` with ``cond`` of shape ``(panels, tokens, dim)`` (float, the CLIP's intermediate device),
-``tokens`` the same for every panel (a multiple of the tokenizer's chunk length, 77 for CLIP), and
-``extras["pooled_output"]`` of shape ``(panels, pooled_dim)`` when the CLIP gives a pooled vector (SD1: 768,
-SDXL: 1280). Panel ``i`` of the latent batch is conditioned on row ``i``.
+``tokens`` the same for every panel, and every tensor the encoder returns besides ``cond`` (``pooled_output``
+``(panels, pooled_dim)``, ``attention_mask`` ``(panels, tokens)``, HiDream's ``conditioning_llama3``...)
+stacked the same way. Panel ``i`` of the latent batch is conditioned on row ``i``. Works for every text encoder
+ComfyUI builds from ``SDTokenizer``-style tokenizers: CLIP (SD1.x, SD2.x, SDXL), CLIP-L + T5-XXL (Flux.1),
+CLIP-L + CLIP-G + T5-XXL (SD3), T5 (Chroma), Mistral (Flux.2), Qwen2.5-VL (Qwen-Image), Qwen3 (Z-Image),
+HiDream's four.
 """
 from __future__ import annotations
 
@@ -17,93 +20,123 @@ from .parser import Story
 from .select import same_value
 from .styles import style_negative
 
-
-def _encode(clip, text: str) -> dict:
-    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+NODE = "SDN_StoryPrompt"
 
 
-def _pad_tokens(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
-    """Append copies of ``empty`` (1, chunk, dim) to ``cond`` (1, L, dim) until it has ``length`` tokens."""
-    missing = length - cond.shape[1]
-    if missing == 0:
-        return cond
-    chunk = empty.shape[1]
-    if missing % chunk:
-        raise UnsupportedModelError(
-            f"SDN_StoryPrompt: this text encoder gives prompt lengths ({cond.shape[1]} vs {length} tokens) that are not "
-            f"whole chunks of its empty-prompt encoding ({chunk} tokens); per-panel padding needs a CLIP-style "
-            "tokenizer (SD1.x, SD2.x, SDXL).")
-    return torch.cat([cond, empty.to(cond).expand(1, chunk, -1).repeat(1, missing // chunk, 1)], dim=1)
+def _tokenizer_of(clip, key: str):
+    """The tokenizer that made the ``key`` token lists of ``clip.tokenize``: ComfyUI's tokenizer wrappers keep it
+    as attribute ``key`` (Flux's ``t5xxl``, Qwen-Image's ``qwen25_7b``) or ``clip_<key>`` (``l``, ``g``)."""
+    for name in (key, f"clip_{key}"):
+        sub = getattr(clip.tokenizer, name, None)
+        if all(hasattr(sub, a) for a in ("pad_token", "pad_left", "pad_to_max_length")):
+            return sub
+    raise UnsupportedModelError(
+        f"{NODE}: the panels' prompts give '{key}' token lists of different lengths, and this text encoder's "
+        f"tokenizer for them is not a ComfyUI SDTokenizer (no pad token or padding side to make them equal).")
+
+
+def pad_panel_tokens(clip, tokens: list[dict]) -> list[dict]:
+    """Bring every panel's token lists to one length per encoder, by each tokenizer's own padding rule.
+
+    tokens: one ``clip.tokenize(prompt)`` result per panel (``{encoder key: [chunk, ...]}``, a chunk being a list
+    of ``(token, weight)``). Returns new dicts; lists that are already equal for all panels are left alone.
+
+    - Tokenizers with fixed chunks (``pad_to_max_length``: CLIP's 77-token chunks in SD1.x/SD2.x/SDXL and in
+      Flux/SD3/HiDream): shorter panels get the tokenizer's EMPTY-prompt chunk appended (start, end, padding)
+      until all have as many chunks as the longest. Each chunk is encoded on its own, so this adds the encoding
+      of an empty chunk: "nothing" tokens, not zeros (off-distribution keys) and not a repeat of the panel's own
+      chunk (that would duplicate half of a 2-chunk panel padded to 3). The pooled vector (first chunk) is
+      unchanged.
+    - Tokenizers without chunks (T5-XXL, Qwen, Llama, Mistral, Gemma: one list per prompt): the shorter lists get
+      the tokenizer's pad token on its padding side (left for Mistral), as its own ``min_length`` padding would,
+      so row i is exactly what ComfyUI gives for prompt i with that minimum length raised to the longest panel's.
+      The encoders that mask padding (attention masks from the pad token) mask these too; those that do not
+      (Flux's T5 without mask) see them as ComfyUI's own 256-token padding is seen.
+
+    Raises UnsupportedModelError for a tokenizer that is not ComfyUI's ``SDTokenizer`` kind when lengths differ.
+    """
+    out = [dict(t) for t in tokens]
+    empty = None
+    for key in tokens[0]:
+        lists = [t[key] for t in tokens]
+        shapes = [[len(chunk) for chunk in chunks] for chunks in lists]
+        if all(s == shapes[0] for s in shapes):
+            continue
+        sub = _tokenizer_of(clip, key)
+        if sub.pad_to_max_length:
+            empty = clip.tokenize("") if empty is None else empty
+            count = max(len(chunks) for chunks in lists)
+            for panel, chunks in zip(out, lists):
+                panel[key] = list(chunks) + [empty[key][0]] * (count - len(chunks))
+            continue
+        if any(len(chunks) != 1 for chunks in lists):
+            raise UnsupportedModelError(f"{NODE}: the '{key}' tokenizer split a prompt into several chunks without "
+                                        "padding them to a fixed length; panels of different lengths cannot be "
+                                        "padded by its rules")
+        length = max(len(chunks[0]) for chunks in lists)
+        for panel, chunks in zip(out, lists):
+            pad = [(sub.pad_token, 1.0)] * (length - len(chunks[0]))
+            panel[key] = [pad + list(chunks[0]) if sub.pad_left else list(chunks[0]) + pad]
+    return out
 
 
 def encode_panels(clip, prompts: list[str]) -> list:
-    """Encode each prompt alone and stack them into one per-panel CONDITIONING entry.
+    """Encode each prompt alone, padded to the longest panel by its tokenizers' rules, and stack the results
+    into one per-panel CONDITIONING entry.
 
-    clip: a ComfyUI ``comfy.sd.CLIP``. prompts: one final (styled) prompt per panel, at least one.
-    Returns ``[[cond (P, T, D), extras]]``. Prompts longer than one chunk give ``k`` chunks of 77 tokens from
-    ComfyUI's tokenizer; shorter panels are padded at the end with the encoding of an EMPTY prompt chunk
-    (start token, end token, padding), not zeros and not a repeat of their own chunk: an empty chunk is what the
-    tokenizer itself puts around a short prompt, so the extra keys only add "nothing" tokens to cross-attention,
-    while zeros are off-distribution keys and repeating a panel's own chunk would duplicate a 2-chunk panel's
-    first half when padding to 3 chunks. Each panel is encoded on its own (never concatenated with other
-    panels' tokens), so row i equals encoding prompt i alone, padded.
+    clip: a ComfyUI ``comfy.sd.CLIP`` (any family above). prompts: one final (styled) prompt per panel, at least
+    one. Returns ``[[cond (P, T, D), extras]]``: row i equals ``clip.encode_from_tokens`` of prompt i's tokens
+    padded by :func:`pad_panel_tokens` (each panel is encoded on its own, never concatenated with other panels'
+    tokens).
 
-    Extras: ``pooled_output`` is stacked per panel (each panel's pooled vector comes from its own first chunk,
-    as ComfyUI does); ``attention_mask`` (encoders that return one) is padded with the empty chunk's mask and
-    stacked; any other key is kept only when identical for every panel, else dropped with a warning because
-    its per-panel meaning is unknown to this node.
+    Extras: a tensor of batch 1 from every panel (``pooled_output``, ``attention_mask``, ``conditioning_llama3``)
+    is stacked along dim 0; an ``attention_mask`` a panel lacks (Qwen-Image drops one without masked tokens) is
+    all ones. A key that is None for every panel stays None (``pooled_output`` of T5- or LLM-only encoders:
+    Chroma's model reads the key). Other values are kept when equal for every panel, else dropped with a
+    warning because their per-panel layout is unknown to this node. Raises UnsupportedModelError when an
+    encoder still gives panels of different token lengths.
     """
     from comfy import model_management
     from comfy.utils import ProgressBar
 
+    tokens = pad_panel_tokens(clip, [clip.tokenize(text) for text in prompts])
     pbar = ProgressBar(len(prompts))
     encoded = []
-    for text in prompts:
+    for panel in tokens:
         model_management.throw_exception_if_processing_interrupted()
-        encoded.append(_encode(clip, text))
+        encoded.append(clip.encode_from_tokens(panel, return_pooled=True, return_dict=True))
         pbar.update(1)
 
-    length = max(e["cond"].shape[1] for e in encoded)
-    # the empty chunk costs a forward pass: only when some panel needs padding
-    empty = _encode(clip, "") if any(e["cond"].shape[1] != length for e in encoded) else None
-    cond = torch.cat([_pad_tokens(e["cond"], length, empty["cond"]) if empty is not None else e["cond"]
-                      for e in encoded], dim=0)
+    shapes = {tuple(e["cond"].shape) for e in encoded}
+    if len(shapes) > 1:
+        raise UnsupportedModelError(f"{NODE}: this text encoder gives panels of different shapes {sorted(shapes)} "
+                                    "even with their tokens padded to one length; it cannot condition one batch")
+    cond = torch.cat([e["cond"] for e in encoded], dim=0)
 
     extras: dict = {}
-    keys = [k for k in encoded[0] if k != "cond"]
-    for key in keys:
+    for key in dict.fromkeys(k for e in encoded for k in e if k != "cond"):
         values = [e.get(key) for e in encoded]
-        if key == "pooled_output":
-            if all(isinstance(v, torch.Tensor) for v in values):
-                extras[key] = torch.cat([v.reshape(1, -1) for v in values], dim=0)
-            continue  # encoders without a pooled vector give None: leave it out
-        if key == "attention_mask" and all(isinstance(v, torch.Tensor) for v in values) \
-                and (empty is None or isinstance(empty.get(key), torch.Tensor)):
-            masks = []
-            for v, e in zip(values, encoded):
-                parts = [v.reshape(1, -1)]
-                if empty is not None:
-                    reps = (length - e["cond"].shape[1]) // empty["cond"].shape[1]
-                    parts += [empty[key].reshape(1, -1).to(v)] * reps
-                masks.append(torch.cat(parts, dim=1))
-            extras[key] = torch.cat(masks, dim=0)
-            continue
-        first = values[0]
-        same = all(same_value(first, v) for v in values[1:])
-        if same:
-            extras[key] = first
+        if key == "attention_mask" and any(isinstance(v, torch.Tensor) for v in values):
+            like = next(v for v in values if isinstance(v, torch.Tensor))
+            values = [torch.ones_like(like) if v is None else v for v in values]
+        if all(isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == 1 and v.shape == values[0].shape
+               for v in values):
+            extras[key] = torch.cat(values, dim=0)
+        elif all(same_value(values[0], v) for v in values[1:]):
+            extras[key] = values[0]
         else:
-            logging.warning("SDN_StoryPrompt: dropping conditioning extra '%s': it differs between panels and its "
-                            "per-panel batch layout is unknown", key)
+            logging.warning("%s: dropping conditioning extra '%s': it differs between panels and its per-panel "
+                            "batch layout is unknown", NODE, key)
     return [[cond, extras]]
 
 
 def encode_negative(clip, negative: str, style: str) -> list:
-    """One CONDITIONING entry (batch 1) for ``negative`` plus the style's negatives; pooled kept when present."""
-    out = _encode(clip, style_negative(style, negative))
+    """One CONDITIONING entry (batch 1) for ``negative`` plus the style's negatives, with every extra the encoder
+    gives (as CLIPTextEncode: ``pooled_output`` stays even when None, since Flux-family models read the key)."""
+    out = clip.encode_from_tokens(clip.tokenize(style_negative(style, negative)), return_pooled=True,
+                                  return_dict=True)
     cond = out.pop("cond")
-    extras = {k: v for k, v in out.items() if v is not None}
-    return [[cond, extras]]
+    return [[cond, out]]
 
 
 def encode_story(clip, story: Story, negative: str) -> tuple[list, list]:

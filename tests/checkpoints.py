@@ -6,6 +6,10 @@
 - ``write_random_checkpoint(path, kind="sd15")``: a full-size single-file checkpoint (UNet + CLIP + VAE)
   written by ComfyUI's own ``comfy.sd.save_checkpoint``, so the stock CheckpointLoaderSimple detects it as it
   would a real SD1.5 file. Weights are scaled Gaussian noise (the loader never sees real weights here).
+- ``tiny_text_encoder(family)``: comfy.sd.CLIP of the DiT text encoders (Flux.1, SD3, Chroma, Z-Image, Qwen-Image)
+  at small widths, with ComfyUI's bundled tokenizers.
+- ``write_random_flux_files(host)``: the diffusion model, VAE and text-encoder files of a Flux.1-dev workflow
+  for the stock UNETLoader / VAELoader and the test-only ``SDNTest_TinyTextEncoders``.
 """
 import torch
 
@@ -60,8 +64,9 @@ def write_random_checkpoint(path, kind="sd15", seed=0):
 
 
 def install_random_weights(host, folder: str, name: str, shapes: dict, seed: int, bias_scale: float = 0.0) -> str:
-    """Write a state dict of ``shapes`` (fp16; norm weights 1, biases N(0, bias_scale), others N(0, 0.02)) as
-    ``models/<folder>/<name>`` of the test host, once per session; return ``name`` for the loader node."""
+    """Write a state dict of ``shapes`` (fp16; norm weights and RMSNorm scales 1, biases N(0, bias_scale), others
+    N(0, 0.02)) as ``models/<folder>/<name>`` of the test host, once per session; return ``name`` for the loader
+    node."""
     from safetensors.torch import save_file
 
     path = host.base_directory / "models" / folder / name
@@ -70,7 +75,7 @@ def install_random_weights(host, folder: str, name: str, shapes: dict, seed: int
         g = torch.Generator().manual_seed(seed)
         sd = {}
         for k, shape in shapes.items():
-            if "norm" in k and k.endswith("weight"):
+            if ("norm" in k and k.endswith("weight")) or k.endswith(".scale"):
                 t = torch.ones(shape)
             elif k.endswith("bias"):
                 t = torch.randn(shape, generator=g) * bias_scale
@@ -79,3 +84,102 @@ def install_random_weights(host, folder: str, name: str, shapes: dict, seed: int
             sd[k] = t.half().contiguous()
         save_file(sd, str(path))
     return name
+
+
+# Small widths and depths for ComfyUI's text-encoder classes, passed as ``<model_name>_model_config`` model options
+# (ComfyUI's own per-encoder override of the JSON config). Vocabularies stay real: ComfyUI's bundled tokenizers
+# emit every id. CLIP and Qwen3 keep 3 layers because SD3's CLIP and Z-Image read the penultimate one; Qwen's
+# head width (128) is fixed by ComfyUI's config class. SD3 concatenates CLIP and T5 tokens at width 4096, so its
+# T5 keeps d_model 4096 (one narrow layer: the 32128 x 4096 embedding is most of it).
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+             "projection_dim": 32}
+TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+TINY_T5_SD3 = {"d_model": 4096, "d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 1}
+TINY_QWEN = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+             "num_key_value_heads": 1}
+
+
+def tiny_text_encoder(family: str, seed: int = 0):
+    """A ``comfy.sd.CLIP`` with the text encoders and tokenizers ComfyUI uses for ``family`` (``flux``: CLIP-L +
+    T5-XXL, ``sd3``: CLIP-L + CLIP-G + T5-XXL, ``chroma``: T5-XXL, ``z_image``: Qwen3, ``qwen_image``:
+    Qwen2.5-VL), built from ComfyUI's own classes (the ones ``comfy.sd.load_text_encoder_state_dicts`` picks for
+    that family) at the small sizes above, float32, deterministic random weights. Qwen2.5-VL's vision tower has a
+    fixed full size in ComfyUI and only encodes images: it is left uninitialised (never touched, so never in
+    memory) and text prompts never reach it."""
+    import comfy.sd
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.pixart_t5
+    import comfy.text_encoders.qwen_image
+    import comfy.text_encoders.sd3_clip
+    import comfy.text_encoders.z_image
+    from comfy.supported_models_base import ClipTarget
+
+    targets = {
+        "flux": (ClipTarget(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip()),
+                 {"clip_l_model_config": TINY_CLIP, "t5xxl_model_config": TINY_T5}),
+        "sd3": (ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.sd3_clip.sd3_clip()),
+                {"clip_l_model_config": TINY_CLIP, "clip_g_model_config": TINY_CLIP,
+                 "t5xxl_model_config": TINY_T5_SD3}),
+        "chroma": (ClipTarget(comfy.text_encoders.pixart_t5.PixArtTokenizer, comfy.text_encoders.pixart_t5.pixart_te()),
+                   {"t5xxl_model_config": TINY_T5}),
+        "z_image": (ClipTarget(comfy.text_encoders.z_image.ZImageTokenizer, comfy.text_encoders.z_image.te()),
+                    {"qwen3_4b_model_config": TINY_QWEN}),
+        "qwen_image": (ClipTarget(comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te()),
+                       {"qwen25_7b_model_config": TINY_QWEN}),
+    }
+    target, configs = targets[family]
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, **configs})
+    model = clip.cond_stage_model
+    init_weights_(model.qwen25_7b.transformer.model if family == "qwen_image" else model, seed=seed)
+    return clip
+
+
+# Flux.1 as ComfyUI 0.3.75's model detection reads it from a diffusion-model file: it fixes 24 heads and RoPE axes
+# (16, 56, 56), so the width must stay 3072 (head width 128); depth, text width and pooled width come from the
+# file's shapes and can be small. Current ComfyUI derives the heads from the width (width // 128), same result.
+FLUX_STOCK_UNET = {"in_channels": 16, "out_channels": 16, "vec_in_dim": TINY_CLIP["hidden_size"], "context_in_dim": TINY_T5["d_model"],
+                   "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 1,
+                   "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+FLUX_FILES = {"unet": ("diffusion_models", "sdn-random-flux1-dev.safetensors"),
+              "vae": ("vae", "sdn-random-flux-ae.safetensors"),
+              "clip_l": ("text_encoders", "sdn-tiny-clip_l.safetensors"),
+              "t5xxl": ("text_encoders", "sdn-tiny-t5xxl.safetensors")}
+
+
+def write_random_flux_files(host, seed: int = 0) -> dict:
+    """Write, once per session, the files of a Flux.1-dev workflow into the host's model folders, in the real
+    files' key formats: the diffusion model for the stock UNETLoader (``FLUX_STOCK_UNET``: full width, one
+    double and one single block, about 0.5 B parameters, 1 GB fp16), the Flux VAE for the stock VAELoader (the
+    real architecture: 16 latent channels, width 128, 84 M parameters), and small CLIP-L and T5-XXL files (widths
+    ``TINY_CLIP`` / ``TINY_T5``) for ``SDNTest_TinyTextEncoders`` (the stock DualCLIPLoader builds both encoders
+    at full size from ComfyUI's bundled JSON configs, 4.9 B parameters, whatever the file holds).
+    Returns ``{"unet" | "vae" | "clip_l" | "t5xxl": file name}`` for the loader nodes."""
+    import dataclasses
+
+    import comfy.ldm.flux.model as flux
+    import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+    from safetensors.torch import save_file
+
+    params = {f.name for f in dataclasses.fields(flux.FluxParams)}
+    unet = dict(FLUX_STOCK_UNET, **({"txt_ids_dims": []} if "txt_ids_dims" in params else {}))  # current ComfyUI
+    with torch.device("meta"):
+        unet_shapes = {k: v.shape for k, v in flux.Flux(operations=comfy.ops.disable_weight_init, **unet).state_dict().items()}
+        ddconfig = dict(SD_VAE_DDCONFIG, z_channels=16)
+        vae = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+        vae_shapes = {k: v.shape for k, v in vae.state_dict().items()}
+    names = {"unet": install_random_weights(host, *FLUX_FILES["unet"], unet_shapes, seed=seed),
+             "vae": install_random_weights(host, *FLUX_FILES["vae"], vae_shapes, seed=seed)}
+    encoders = tiny_text_encoder("flux", seed=seed).cond_stage_model
+    for key in ("clip_l", "t5xxl"):
+        folder, name = FLUX_FILES[key]
+        path = host.base_directory / "models" / folder / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sd = getattr(encoders, key).transformer.state_dict()
+            save_file({k: v.half().contiguous() for k, v in sd.items()}, str(path))
+        names[key] = name
+    return names

@@ -114,7 +114,12 @@ def small_flux(kind: str = "flux1", seed: int = 0, scale: float = 0.2, depth: in
         cls = sm.Chroma
     else:
         raise ValueError(kind)
-    if kind != "chroma" and "txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)}:
+    if kind == "chroma":
+        import comfy.ldm.chroma.model as chroma
+
+        fields = {f.name for f in dataclasses.fields(chroma.ChromaParams)}  # current ComfyUI's fields
+        config.update({k: v for k, v in {"txt_ids_dims": [], "vec_in_dim": None}.items() if k in fields})
+    elif "txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)}:
         config["txt_ids_dims"] = [] if kind != "flux2" else [3]  # current ComfyUI's field, as its detection sets it
     model = cls(config).get_model({}, device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed=seed, scale=scale)

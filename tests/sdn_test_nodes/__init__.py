@@ -2,7 +2,9 @@
 
 ``SDNTest_TinyCheckpoint`` stands in for CheckpointLoaderSimple: a MODEL with the real SD1.5 or SDXL block
 layout but small widths (fast on CPU), the real CLIP text encoders of that family and the real SD VAE, all
-with random weights. Loaded by tests/conftest.py through ComfyUI's custom-node loader; never shipped.
+with random weights. ``SDNTest_TinyTextEncoders`` stands in for DualCLIPLoader (type flux) on small CLIP-L and
+T5-XXL files (see tests/checkpoints.py ``write_random_flux_files``). Loaded by tests/conftest.py through
+ComfyUI's custom-node loader; never shipped.
 """
 import sys
 from pathlib import Path
@@ -29,9 +31,42 @@ class TinyCheckpoint(io.ComfyNode):
         return io.NodeOutput(model, random_clip(kind, seed), random_vae(seed))
 
 
+class TinyTextEncoders(io.ComfyNode):
+    """DualCLIPLoader (type flux) for small files: the same ComfyUI function (``load_text_encoder_state_dicts``:
+    same classes, tokenizers and key format), plus ComfyUI's per-encoder config override for the small widths,
+    which the stock node cannot pass (it builds CLIP-L and T5-XXL from their full-size JSON configs)."""
+
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        files = folder_paths.get_filename_list("text_encoders")
+        return io.Schema(
+            node_id="SDNTest_TinyTextEncoders", category="_for_testing",
+            inputs=[io.Combo.Input("clip_name1", options=files), io.Combo.Input("clip_name2", options=files),
+                    io.Combo.Input("type", options=["flux"])],
+            outputs=[io.Clip.Output()])
+
+    @classmethod
+    def execute(cls, clip_name1, clip_name2, type):
+        import comfy.sd
+        import comfy.utils
+        import folder_paths
+        from checkpoints import TINY_CLIP, TINY_T5
+
+        sds = [comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("text_encoders", name), safe_load=True)
+               for name in (clip_name1, clip_name2)]
+        # CLIP-L's config goes in as "model_config": for every CLIP file ComfyUI replaces "clip_l_model_config" with
+        # that dict plus the file's position count (comfy/text_encoders/long_clipl.py, which also writes into it)
+        clip = comfy.sd.load_text_encoder_state_dicts(
+            sds, embedding_directory=folder_paths.get_folder_paths("embeddings"), clip_type=comfy.sd.CLIPType.FLUX,
+            model_options={"model_config": dict(TINY_CLIP), "t5xxl_model_config": TINY_T5})
+        return io.NodeOutput(clip)
+
+
 class TestExtension(ComfyExtension):
     async def get_node_list(self):
-        return [TinyCheckpoint]
+        return [TinyCheckpoint, TinyTextEncoders]
 
 
 async def comfy_entrypoint():
