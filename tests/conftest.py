@@ -39,3 +39,12 @@ def sd15_checkpoint(host):
     if not (folder / name).exists():
         write_random_checkpoint(folder / name, "sd15")
     return name
+
+
+@pytest.fixture(scope="session")
+def flux_files(host):
+    """File names of a Flux.1-dev workflow's models with random weights, written once per session into the host's
+    model folders (tests/checkpoints.py ``write_random_flux_files``): ``{"unet" | "vae" | "clip_l" | "t5xxl": name}``."""
+    from checkpoints import write_random_flux_files
+
+    return write_random_flux_files(host)

@@ -188,15 +188,15 @@ def test_unknown_tokenizer_with_unequal_lengths_is_refused(host, pack, encode):
     assert cond.shape[0] == 2
 
 
-def test_flux_files_load_through_the_stock_loaders(host):
+def test_flux_files_load_through_the_stock_loaders(host, flux_files):
     """The files of a Flux.1-dev workflow (tests/checkpoints.py) through ComfyUI's executor: the stock UNETLoader
     detects Flux.1-dev from the keys and shapes and keeps the file's depth and text widths, the stock VAELoader
     gives a 16-channel Flux VAE, and SDN_StoryPrompt encodes a story with the CLIP-L + T5-XXL pair."""
-    from checkpoints import FLUX_STOCK_UNET, TINY_T5, write_random_flux_files
+    from checkpoints import FLUX_STOCK_UNET, TINY_T5
 
     import comfy.supported_models as sm
 
-    files = write_random_flux_files(host)
+    files = flux_files
     story = "[Fox] a small orange fox\n---\n[Fox] in the snow\n[Fox] " + LONG
     run = host.run({
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files["unet"], "weight_dtype": "default"}},
