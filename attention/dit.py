@@ -13,6 +13,11 @@ same position grid, so a token of image j at (y, x) acts for image i as if it sa
 tokens mostly influence the same region of the other panels (a locality prior that copies layout more than
 UNet CSA, whose self-attention has no positions).
 
+Families: Flux.1, Flux.2 and Chroma (double-stream blocks, then single-stream blocks over [txt, img]) and
+Qwen-Image (joint blocks only, block_type "double", [txt, img] after RoPE, 5-D latents with one frame; current
+ComfyUI masks padded text keys with a ``[rows, 1, N]`` mask, which csa.py reads as ComfyUI does). The text part
+is the conditioning's token count, read by the APPLY_MODEL wrapper.
+
 DiT image tokens sit at 1/16 of the image (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): their layers use the
 node's 1/16 rate.
 """
@@ -26,43 +31,53 @@ from .context import CONTEXT, NODE, Call
 from .csa import joint_consistent_attention
 
 FACTOR = 16  # image-level downsampling of every DiT image token
-BLOCK_TYPES = ("double", "single")  # ComfyUI's transformer_options["block_type"] in the flux family
-DIT_BLOCK_CHOICES = {"single-stream": ("single",), "double-stream": ("double",), "all": BLOCK_TYPES}
+# The node's dit_blocks choices, by stage: "single" = the later blocks, "double" = the early ones.
+DIT_BLOCK_CHOICES = {"single-stream": ("single",), "double-stream": ("double",), "all": ("double", "single")}
 
 
 @dataclass(frozen=True)
 class Family:
-    """A DiT family CSA supports: ``name``; ``blocks``: block type -> number of blocks; ``patch``: patch size
-    (image tokens = ceil(H / patch) x ceil(W / patch) of the latent; the joint sequence is text, then image)."""
+    """A DiT family CSA supports: ``name``; ``stages``: dit_blocks stage ("double": early, "single": later) ->
+    ``((block_type, indices), ...)``, the blocks by ComfyUI's transformer_options["block_type"] and
+    ["block_index"]; ``patch``: patch size (image tokens = ceil(H / patch) x ceil(W / patch) of the latent; the
+    joint sequence is text, then image, then any appended reference tokens)."""
 
     name: str
-    blocks: dict
+    stages: dict
     patch: int
 
     def image_tokens(self, latent_hw: tuple) -> int:
         return math.ceil(latent_hw[0] / self.patch) * math.ceil(latent_hw[1] / self.patch)
 
 
-SUPPORTED = "Flux.1 (dev, schnell), Flux.2, Chroma"
+SUPPORTED = "Flux.1 (dev, schnell), Flux.2, Chroma, Qwen-Image"
 
 
 def dit_family(model_patcher, node: str = NODE) -> Family | None:
     """The :class:`Family` of a supported DiT, None for a model that is not a DiT (a UNet). Raises
-    UnsupportedModelError naming ``node`` for DiTs and other transformers it does not support."""
+    UnsupportedModelError naming ``node`` for DiTs and other transformers it does not support.
+
+    Flux.1/Flux.2/Chroma: "double" = the double-stream blocks, "single" = the single-stream blocks. Qwen-Image has
+    only joint blocks (block_type "double"): "double" = the earlier half, "single" = the later half (the middle
+    block of an odd count counts as early), as Flux's later blocks and the reference app's UNet decoder."""
     import comfy.ldm.chroma.model as chroma
     import comfy.ldm.flux.model as flux
+    import comfy.ldm.qwen_image.model as qwen_image
 
     net = model_patcher.get_model_object("diffusion_model")
     if hasattr(net, "input_blocks") or hasattr(net, "output_blocks"):
         return None
-    if type(net) is flux.Flux:
-        name = "Flux.2" if len(net.params.axes_dim) == 4 else "Flux.1"
-    elif type(net) is chroma.Chroma:
-        name = "Chroma"
-    else:
-        raise UnsupportedModelError(f"{node}: input 'model': expected SD1.x, SD2.x, SDXL or one of the DiT families "
-                                    f"{SUPPORTED}, got {type(net).__name__}")
-    return Family(name, {"double": len(net.double_blocks), "single": len(net.single_blocks)}, net.patch_size)
+    if type(net) in (flux.Flux, chroma.Chroma):
+        name = "Chroma" if type(net) is chroma.Chroma else "Flux.2" if len(net.params.axes_dim) == 4 else "Flux.1"
+        return Family(name, {"double": (("double", range(len(net.double_blocks))),),
+                             "single": (("single", range(len(net.single_blocks))),)}, net.patch_size)
+    if type(net) is qwen_image.QwenImageTransformer2DModel:
+        count = len(net.transformer_blocks)
+        half = (count + 1) // 2
+        return Family("Qwen-Image", {"double": (("double", range(half)),),
+                                     "single": (("double", range(half, count)),)}, net.patch_size)
+    raise UnsupportedModelError(f"{node}: input 'model': expected SD1.x, SD2.x, SDXL or one of the DiT families "
+                                f"{SUPPORTED}, got {type(net).__name__}")
 
 
 class JointLayer:
@@ -125,9 +140,10 @@ class JointAttention:
         return joint_consistent_attention(q, k, v, level.plan, span, attend, mask, token_dim)
 
 
-def dit_layers(family: Family, block_types: tuple) -> dict:
-    """``{(block_type, index): JointLayer}`` for every block of ``block_types`` in ``family``."""
-    return {(kind, i): JointLayer(kind, i) for kind in block_types for i in range(family.blocks.get(kind, 0))}
+def dit_layers(family: Family, stages: tuple) -> dict:
+    """``{(block_type, index): JointLayer}`` for every block of ``stages`` ("double", "single") in ``family``."""
+    return {(kind, i): JointLayer(kind, i) for stage in stages for kind, indices in family.stages[stage]
+            for i in indices}
 
 
 __all__ = ["DIT_BLOCK_CHOICES", "FACTOR", "Family", "JointAttention", "JointLayer", "SUPPORTED", "dit_family",

@@ -52,7 +52,8 @@ class CSASettings:
 
     rates: sampling rate by image-level downsampling factor of the layer (8, 16, 32; coarser layers use the
     1/32 rate; DiT image tokens sit at 1/16). reference_count: R (0 = all-to-all). seed: sampling seed. blocks:
-    ComfyUI block names to patch in a UNet; dit_blocks: block types to patch in a DiT ("double", "single").
+    ComfyUI block names to patch in a UNet; dit_blocks: DiT stages to patch ("double": the early blocks, "single":
+    the later ones; which blocks they are per family: dit.dit_family).
     sigma_start / sigma_end: CSA is active while ``sigma_end <= sigma <= sigma_start``.
     schedule: "always", or "storydiffusion" (the reference app: plain attention at step 0, then each layer call
     skips CSA with probability 0.3 for steps 1..19 and 0.1 from step 20, deterministic per seed).

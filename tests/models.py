@@ -119,3 +119,18 @@ def small_flux(kind: str = "flux1", seed: int = 0, scale: float = 0.2, depth: in
     model = cls(config).get_model({}, device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed=seed, scale=scale)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def small_qwen_image(seed: int = 0, scale: float = 0.2, layers: int = 1):
+    """A ModelPatcher around Qwen-Image's DiT with its real block layout (``layers`` joint blocks, each with a
+    text and an image stream), 2 heads of 16, random weights. Text tokens are 32 wide; latents are 5-D
+    ``[B, 16, 1, H, W]`` (Wan 2.1's latent format), patch 2."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+              "num_layers": layers, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+              "axes_dims_rope": (4, 6, 6), "dtype": torch.float32}
+    model = sm.QwenImage(config).get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed, scale=scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

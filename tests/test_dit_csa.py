@@ -5,10 +5,10 @@ own sequence only."""
 import pytest
 import torch
 
-from models import small_flux
+from models import small_flux, small_qwen_image
 from sampling_helpers import close, mha
 
-KINDS = ("flux1", "schnell", "chroma", "flux2")
+KINDS = ("flux1", "schnell", "chroma", "flux2", "qwen")
 TEXT = 6  # text tokens of the test conditioning (Flux.2 pads them to 512)
 
 
@@ -16,15 +16,21 @@ def text_tokens(kind):
     return 512 if kind == "flux2" else TEXT
 
 
+def small_dit(kind, **kw):
+    return small_qwen_image(**kw) if kind == "qwen" else small_flux(kind, **kw)
+
+
 def sample_dit(model, b, kind, cfg=1.0, steps=2, seed=0, size=6):
-    """Sample a ``b``-image batch of a small Flux-family model with the stock sampler (``size``: latent side)."""
+    """Sample a ``b``-image batch of a small DiT with the stock sampler (``size``: latent side; Qwen-Image's
+    latents are 5-D with one frame)."""
     import comfy.sample
 
     gen = torch.Generator().manual_seed(123)
     extra = lambda n: {"pooled_output": torch.randn(n, 32, generator=gen)}  # noqa: E731  (Flux's encode_adm reads it)
     positive = [[torch.randn(b, TEXT, 32, generator=gen), extra(b)]]
     negative = [[torch.randn(1, TEXT, 32, generator=gen), extra(1)]]
-    latent = torch.zeros(b, 128 if kind == "flux2" else 16, size, size)
+    channels = {"flux2": 128, "qwen": 16}.get(kind, 16)
+    latent = torch.zeros(b, channels, 1, size, size) if kind == "qwen" else torch.zeros(b, channels, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=seed,
                                disable_pbar=True)
@@ -77,17 +83,17 @@ ALL = {("double", 0), ("single", 0)}
 @pytest.mark.parametrize("kind", KINDS)
 def test_rate_one_is_the_joint_oracle(host, pack, kind):
     """Rate 1, every block, CFG 3 (two chunks in one call): equal to the per-image oracle; and CSA is visible."""
-    model = small_flux(kind)
+    model = small_dit(kind)
     got = sample_dit(csa(pack, model), 3, kind, cfg=3.0)
     close(got, sample_dit(with_override(model, joint_oracle(text_tokens(kind), ALL)), 3, kind, cfg=3.0))
     assert (got - sample_dit(model, 3, kind, cfg=3.0)).abs().max() > 1e-3, "CSA changed nothing"
 
 
-@pytest.mark.parametrize("kind", ("flux1", "chroma"))
+@pytest.mark.parametrize("kind", ("flux1", "chroma", "qwen"))
 def test_reference_mode_and_cfg_one_match_the_oracle(host, pack, kind):
     """R = 2 references of 4 images, guidance-distilled cfg 1 (one chunk): the references share among themselves,
     the others see the references' image tokens only."""
-    model = small_flux(kind)
+    model = small_dit(kind)
     got = sample_dit(csa(pack, model, refs=2), 4, kind)
     close(got, sample_dit(with_override(model, joint_oracle(TEXT, ALL, refs=2)), 4, kind))
 
@@ -100,9 +106,18 @@ def test_block_choice_patches_only_those_blocks(host, pack):
     close(got, sample_dit(with_override(model, oracle), 2, "flux1", cfg=2.0))
 
 
-@pytest.mark.parametrize("kind", ("flux1", "flux2"))
+def test_qwen_image_single_stream_choice_is_its_later_half(host, pack):
+    """Qwen-Image has only joint ("double") blocks: dit_blocks = single-stream patches the later half of them
+    (an odd count: the middle block counts as early), double-stream the earlier half."""
+    model = small_qwen_image(layers=3)
+    for choice, blocks in ((("single",), {("double", 2)}), (("double",), {("double", 0), ("double", 1)})):
+        got = sample_dit(csa(pack, model, dit_blocks=choice), 2, "qwen", cfg=2.0, size=5)
+        close(got, sample_dit(with_override(model, joint_oracle(TEXT, blocks)), 2, "qwen", cfg=2.0, size=5))
+
+
+@pytest.mark.parametrize("kind", ("flux1", "flux2", "qwen"))
 def test_one_image_and_rate_zero_are_the_unpatched_model(host, pack, kind):
-    model = small_flux(kind)
+    model = small_dit(kind)
     for b, rate in ((1, 1.0), (3, 0.0)):
         assert torch.equal(sample_dit(csa(pack, model, rate=rate), b, kind, cfg=2.0),
                            sample_dit(model, b, kind, cfg=2.0)), (b, rate)
@@ -193,3 +208,34 @@ def test_node_patches_single_stream_blocks_by_default(host, pack):
         model = node.execute(small_flux("flux1", depth=2, single=2), **args, **extra).result[0]
         (spec,) = model.get_wrappers(ext.WrappersMP.APPLY_MODEL, "storydiffusion_native")
         assert set(spec.layers) == layers, choice
+    model = node.execute(small_qwen_image(layers=4), **args).result[0]
+    (spec,) = model.get_wrappers(ext.WrappersMP.APPLY_MODEL, "storydiffusion_native")
+    assert set(spec.layers) == {"double.2", "double.3"}
+
+
+def test_text_padding_mask_of_current_comfyui_matches_the_oracle(host, pack):
+    """Current ComfyUI's Qwen-Image masks padded text keys with an additive ``[rows, 1, text + image]`` mask
+    (0.3.75 passes none). With two prompts of 2 and 5 real tokens, rate 1, two chunks: every query skips its own
+    row's padding, image queries also see all image tokens of the other images of its chunk (never masked)."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    plan_for = pack("attention.context").plan_for
+    joint = pack("attention.csa").joint_consistent_attention
+    g, b, h, text, img, d = 2, 2, 2, 6, 9, 8
+    n, rows = text + img, g * b
+    q, k, v = (torch.randn(rows, h, n, d, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3))
+    keep = torch.ones(rows, n, dtype=torch.bool)
+    for row, real in enumerate((2, 5) * g):
+        keep[row, real:text] = False
+    mask = ((~keep).float() * -torch.finfo(torch.float32).max).unsqueeze(1)  # the model's [rows, 1, N]
+    got = joint(q, k, v, plan_for(0, 0, img, b, 1.0), (text, n),
+                lambda q, k, v, m: optimized_attention(q, k, v, h, m, skip_reshape=True), mask)
+    flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], h * d)  # noqa: E731
+    for row in range(rows):
+        chunk, i = divmod(row, b)
+        own_k, own_v = flat(k[row])[keep[row]], flat(v[row])[keep[row]]
+        others = [chunk * b + j for j in range(b) if j != i]
+        kk = torch.cat([own_k] + [flat(k[r])[text:] for r in others])
+        vv = torch.cat([own_v] + [flat(v[r])[text:] for r in others])
+        close(got[row, :text], mha(flat(q[row])[:text], own_k, own_v, h))
+        close(got[row, text:], mha(flat(q[row])[text:], kk, vv, h))
