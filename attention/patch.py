@@ -198,8 +198,9 @@ class StoryAttention:
         if run is None or run.spec is not self:  # ComfyUI merges model wrappers only where a sampler runs
             raise StoryDiffusionError(f"{NODE}: the patched model was called outside a run of ComfyUI's sampler "
                                       f"(its OUTER_SAMPLE wrapper did not run)")
-        text = 0 if self.family is None or c_crossattn is None else c_crossattn.shape[1]
-        call = run.describe(x, float(t.max()), options, text)  # the call's one host read
+        text, joint = (0, None) if self.family is None or c_crossattn is None else \
+            self.family.layout(c_crossattn.shape[1], tuple(x.shape[-2:]))
+        call = run.describe(x, float(t.max()), options, text, joint)  # the call's one host read
         return executor(x, t, c_concat, c_crossattn, control, {**options, CONTEXT: call}, **kwargs)
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):

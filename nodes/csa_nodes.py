@@ -28,7 +28,7 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "(and coarser). The reference app's sa32. 0 = plain self-attention, 1 = all tokens.")),
                 io.Float.Input("sampling_rate_1_16", **_RATE, tooltip=(
                     "Same for layers at 1/16 of the image size (the reference app's sa64). DiT models (Flux, Chroma, "
-                    "Qwen-Image) have all their image tokens at 1/16 (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): "
+                    "Qwen-Image, Lumina2, Z-Image) have all their image tokens at 1/16 (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): "
                     "this rate applies to every patched DiT block.")),
                 io.Float.Input("sampling_rate_1_8", **_RATE, tooltip=(
                     "Same for layers at 1/8 of the image size (SD1.x/SD2.x only; SDXL has none).")),
@@ -57,10 +57,10 @@ class ConsistentSelfAttention(io.ComfyNode):
                                tooltip=(
                     "Which blocks of a DiT get CSA in their joint attention (image queries also see the other "
                     "images' image tokens; text queries keep their own panel). 'single-stream' (default): the later "
-                    "blocks (Flux.1 and Chroma: the 38 single-stream of 57; Qwen-Image, which has only joint "
-                    "blocks: the later half, 30 of 60), as the reference app patches the later half (the decoder) "
-                    "of a UNet. 'double-stream': the early blocks (Flux: the 19 double-stream; Qwen-Image: the "
-                    "earlier half). Ignored for UNets.")),
+                    "blocks (Flux.1 and Chroma: the 38 single-stream of 57; Qwen-Image, Lumina2 and Z-Image, which "
+                    "have one kind of block: the later half, e.g. 30 of Qwen-Image's 60), as the reference app "
+                    "patches the later half (the decoder) of a UNet. 'double-stream': the early blocks (Flux: the "
+                    "19 double-stream; the others: the earlier half). Ignored for UNets.")),
             ],
             outputs=[io.Model.Output(display_name="CSA model", tooltip="A patched clone; the input model is unchanged.")],
         )

@@ -98,11 +98,11 @@ def _small_sd2(scale=0.05):
 
 def test_accepted_model_families_are_the_readme_ones(host, pack):
     """README: CSA works on SD1.x, SD2.x and SDXL (oracle-exact, through the sampler) and on the DiTs Flux.1,
-    Flux.2, Chroma and Qwen-Image (tests/test_dit_csa.py); other DiTs (SD3 here) and video UNets (SVD) are refused
-    with a clear error naming the node (and, for DiTs, the supported families)."""
+    Flux.2, Chroma, Qwen-Image, Lumina2 and Z-Image (tests/test_dit_csa.py); other DiTs (SD3 here) and video UNets
+    (SVD) are refused with a clear error naming the node (and, for DiTs, the supported families)."""
     import pytest
     import torch
-    from models import small_flux, small_qwen_image, small_svd, small_unet
+    from models import small_flux, small_nextdit, small_qwen_image, small_svd, small_unet
     from sampling_helpers import close, csa_model, sample, with_oracle
 
     readme = (REPO / "README.md").read_text()
@@ -117,11 +117,13 @@ def test_accepted_model_families_are_the_readme_ones(host, pack):
         assert (csa - sample(model, 2, kind=sample_kind)).abs().max() > 1e-3, f"{kind}: CSA changed nothing"
     for kind in ("flux1", "schnell", "flux2", "chroma"):
         csa_model(pack, small_flux(kind))
-    csa_model(pack, small_qwen_image())
+    for model in (small_qwen_image(), small_nextdit("lumina2"), small_nextdit("zimage")):
+        csa_model(pack, model)
     for name, model in (("SD3", _small_sd3()), ("SVD", small_svd())):
         with pytest.raises(errors.UnsupportedModelError, match="SDN_ConsistentSelfAttention"):
             csa_model(pack, model)
-    with pytest.raises(errors.UnsupportedModelError, match="Flux.1 .dev, schnell., Flux.2, Chroma, Qwen-Image"):
+    supported = "Flux.1 .dev, schnell., Flux.2, Chroma, Qwen-Image, Lumina2, Z-Image"
+    with pytest.raises(errors.UnsupportedModelError, match=supported):
         csa_model(pack, _small_sd3())
 
 
