@@ -12,7 +12,9 @@ multi-evaluation samplers see the same draws and results do not depend on the de
 """
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +134,9 @@ class Call:
     ``chunks``: cond_or_uncond; ``step`` (None without a schedule); ``frames``: the rows' absolute image indices
     under a context window, else None; ``latent_hw``; ``levels[factor]``: CSA where it is active; ``sharing``: the
     layers where CSA runs in this call (active range, rate > 0, the schedule's gates); ``record``/``read``;
-    ``text``: the conditioning's token count (a DiT's joint sequence starts with it)."""
+    ``text``: the text tokens a DiT's joint sequence starts with; ``joint``: the whole joint sequence where the
+    family fixes it (None: unchecked); ``blocks``: counts the calls of that length, the block index of a model
+    that names none (None: the model names its blocks)."""
 
     rows: int
     images: int
@@ -145,6 +149,8 @@ class Call:
     record: Recording | None = None
     read: Reading | None = None
     text: int = 0
+    joint: int | None = None
+    blocks: Iterator | None = None
 
     def level(self, layer) -> Level | None:
         """The CSA level of ``layer`` (a roles.SelfAttention) in this call, None where it does not share."""
@@ -200,9 +206,10 @@ class Run:
             value = self.cache[key] = build()
         return value
 
-    def describe(self, x: torch.Tensor, sigma: float, options: dict, text: int = 0) -> Call:
+    def describe(self, x: torch.Tensor, sigma: float, options: dict, text: int = 0, joint: int | None = None) -> Call:
         """The Call of one model call: latent rows ``x`` ``(rows, C, H, W)`` (or ``(rows, C, T, H, W)``), its
-        ``sigma`` (a float: read once per call by the wrapper), its transformer_options, its ``text`` tokens.
+        ``sigma`` (a float: read once per call by the wrapper), its transformer_options, its ``text`` tokens and
+        ``joint`` sequence (DiTs; a ``joint`` length also starts the call's block counter).
         Raises FrameLayoutError for an unknown window layout and BankMismatchError for what banks cannot do
         (windows while recording, panels beyond the story)."""
         spec, s = self.spec, self.spec.settings
@@ -223,7 +230,8 @@ class Run:
         record = self._record(step, step_key, images, chunks, frames, latent_hw, sharing) \
             if self.recording is not None and sharing else None
         read = self._read(step, images, chunks, frames) if spec.reader is not None else None
-        return Call(rows, images, chunks, step, frames, latent_hw, levels, sharing, record, read, text)
+        return Call(rows, images, chunks, step, frames, latent_hw, levels, sharing, record, read, text, joint,
+                    None if joint is None else itertools.count())
 
     def _levels(self, step_key, images, frames, latent_hw, sharing) -> dict:
         s, spec = self.spec.settings, self.spec

@@ -231,7 +231,8 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     ``attention_fn(q, k, v, mask)`` is the model's attention on that layout; its output has the query tokens on
     ``token_dim`` (1 for ``[rows, N, heads * D]``, 2 for ``[rows, heads, N, D]``). ``mask``: None, or an additive
-    (float) or boolean mask broadcastable to ``[rows, heads, N, N]``; the extra keys are always visible. Returns
+    (float) or boolean mask, read as ComfyUI's attention reads it: ``[N, N]`` or 4-D broadcastable to ``[rows,
+    heads, N, N]``, or 3-D ``[rows, N or 1, N]`` (no head axis); the extra keys are always visible. Returns
     what ``attention_fn`` returns for the whole sequence. Rate 0 or B = 1: one plain call.
     """
     rows, h, n, d = q.shape
@@ -242,12 +243,13 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"CSA: q {tuple(q.shape)} / k {tuple(k.shape)} with image tokens {s}:{e} do not fit a plan "
                          f"for {b} images x {plan.num_tokens} tokens")
     g = rows // b
-    mask = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    if mask is not None:  # ComfyUI's convention: [Nq, Nk] for all rows, [rows, Nq, Nk] (Qwen-Image's text padding)
+        mask = mask.unsqueeze(1) if mask.ndim == 3 else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     rest = [(0, s)] + ([(e, n)] if e < n else [])
     out = None
     if s > 0 or e < n:  # text and appended tokens: their own row only
         pick = (lambda t: t[:, :, :s]) if e == n else (lambda t: torch.cat([t[:, :, a:z] for a, z in rest], 2))
-        plain = attention_fn(pick(q), k, v, None if mask is None or mask.shape[2] == 1 else pick(mask))
+        plain = attention_fn(pick(q), k, v, mask if mask is None or mask.shape[2] == 1 else pick(mask))
         shape = list(plain.shape)
         shape[token_dim] = n
         out, done = plain.new_empty(shape), 0

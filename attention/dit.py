@@ -13,6 +13,15 @@ same position grid, so a token of image j at (y, x) acts for image i as if it sa
 tokens mostly influence the same region of the other panels (a locality prior that copies layout more than
 UNet CSA, whose self-attention has no positions).
 
+Families: Flux.1, Flux.2 and Chroma (double-stream blocks, then single-stream blocks over [txt, img]);
+Qwen-Image (joint blocks only, block_type "double", [txt, img] after RoPE, 5-D latents with one frame; current
+ComfyUI masks padded text keys with a ``[rows, 1, N]`` mask, which csa.py reads as ComfyUI does); Lumina2 and
+Z-Image (NextDiT: main blocks over [txt, img], Z-Image padding both to multiples of 32 with pad tokens that stay
+with their own row; its context and noise refiners attend over the text or the image alone and are left alone;
+0.3.75 names no block there, so the main blocks are the calls over exactly the padded sequence, counted per
+model call). The text part is the conditioning's token count as the model pads it, read by the APPLY_MODEL
+wrapper.
+
 DiT image tokens sit at 1/16 of the image (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): their layers use the
 node's 1/16 rate.
 """
@@ -26,43 +35,76 @@ from .context import CONTEXT, NODE, Call
 from .csa import joint_consistent_attention
 
 FACTOR = 16  # image-level downsampling of every DiT image token
-BLOCK_TYPES = ("double", "single")  # ComfyUI's transformer_options["block_type"] in the flux family
-DIT_BLOCK_CHOICES = {"single-stream": ("single",), "double-stream": ("double",), "all": BLOCK_TYPES}
+# The node's dit_blocks choices, by stage: "single" = the later blocks, "double" = the early ones.
+DIT_BLOCK_CHOICES = {"single-stream": ("single",), "double-stream": ("double",), "all": ("double", "single")}
 
 
 @dataclass(frozen=True)
 class Family:
-    """A DiT family CSA supports: ``name``; ``blocks``: block type -> number of blocks; ``patch``: patch size
-    (image tokens = ceil(H / patch) x ceil(W / patch) of the latent; the joint sequence is text, then image)."""
+    """A DiT family CSA supports: ``name``; ``stages``: dit_blocks stage ("double": early, "single": later) ->
+    ``((block_type, indices), ...)``, the blocks by ComfyUI's transformer_options["block_type"] and
+    ["block_index"]; ``patch``: patch size (image tokens = ceil(H / patch) x ceil(W / patch) of the latent; the
+    joint sequence is text, then image, then any appended reference or padding tokens).
+
+    ``pad``: the model pads its text and its image tokens to multiples of ``pad`` (Z-Image: 32; 1: none).
+    ``exact``: the patched blocks' sequence is exactly the padded text and image (NextDiT, whose refiner blocks
+    also attend, over the text or the image alone, and which names no block index on 0.3.75).
+    """
 
     name: str
-    blocks: dict
+    stages: dict
     patch: int
+    pad: int = 1
+    exact: bool = False
 
     def image_tokens(self, latent_hw: tuple) -> int:
         return math.ceil(latent_hw[0] / self.patch) * math.ceil(latent_hw[1] / self.patch)
 
+    def layout(self, text: int, latent_hw: tuple) -> tuple:
+        """``(text, joint)`` tokens of the patched blocks for a conditioning of ``text`` tokens: the text part
+        as the model pads it, and the whole sequence where it is ``exact`` (else None: it may hold more)."""
+        text = -(-text // self.pad) * self.pad
+        return text, text + -(-self.image_tokens(latent_hw) // self.pad) * self.pad if self.exact else None
 
-SUPPORTED = "Flux.1 (dev, schnell), Flux.2, Chroma"
+
+SUPPORTED = "Flux.1 (dev, schnell), Flux.2, Chroma, Qwen-Image, Lumina2, Z-Image"
+
+
+def _halves(block_type: str, count: int) -> dict:
+    """Stages of a model with one kind of block: the earlier half ("double"; the middle block of an odd count
+    counts as early) and the later half ("single")."""
+    half = (count + 1) // 2
+    return {"double": ((block_type, range(half)),), "single": ((block_type, range(half, count)),)}
 
 
 def dit_family(model_patcher, node: str = NODE) -> Family | None:
     """The :class:`Family` of a supported DiT, None for a model that is not a DiT (a UNet). Raises
-    UnsupportedModelError naming ``node`` for DiTs and other transformers it does not support."""
+    UnsupportedModelError naming ``node`` for DiTs and other transformers it does not support.
+
+    Flux.1/Flux.2/Chroma: "double" = the double-stream blocks, "single" = the single-stream blocks. Qwen-Image and
+    Lumina2/Z-Image (NextDiT) have one kind of joint block (block_type "double"): "double" = the earlier half,
+    "single" = the later half, as Flux's later blocks and the reference app's UNet decoder. NextDiT's context
+    and noise refiners (text only, image only) are never patched."""
     import comfy.ldm.chroma.model as chroma
     import comfy.ldm.flux.model as flux
+    import comfy.ldm.lumina.model as lumina
+    import comfy.ldm.qwen_image.model as qwen_image
 
     net = model_patcher.get_model_object("diffusion_model")
     if hasattr(net, "input_blocks") or hasattr(net, "output_blocks"):
         return None
-    if type(net) is flux.Flux:
-        name = "Flux.2" if len(net.params.axes_dim) == 4 else "Flux.1"
-    elif type(net) is chroma.Chroma:
-        name = "Chroma"
-    else:
-        raise UnsupportedModelError(f"{node}: input 'model': expected SD1.x, SD2.x, SDXL or one of the DiT families "
-                                    f"{SUPPORTED}, got {type(net).__name__}")
-    return Family(name, {"double": len(net.double_blocks), "single": len(net.single_blocks)}, net.patch_size)
+    if type(net) in (flux.Flux, chroma.Chroma):
+        name = "Chroma" if type(net) is chroma.Chroma else "Flux.2" if len(net.params.axes_dim) == 4 else "Flux.1"
+        return Family(name, {"double": (("double", range(len(net.double_blocks))),),
+                             "single": (("single", range(len(net.single_blocks))),)}, net.patch_size)
+    if type(net) is qwen_image.QwenImageTransformer2DModel:
+        return Family("Qwen-Image", _halves("double", len(net.transformer_blocks)), net.patch_size)
+    if type(net) is lumina.NextDiT:
+        pad = net.pad_tokens_multiple
+        return Family("Z-Image" if pad else "Lumina2", _halves("double", len(net.layers)), net.patch_size,
+                      pad or 1, exact=True)
+    raise UnsupportedModelError(f"{node}: input 'model': expected SD1.x, SD2.x, SDXL or one of the DiT families "
+                                f"{SUPPORTED}, got {type(net).__name__}")
 
 
 class JointLayer:
@@ -103,10 +145,13 @@ class JointAttention:
             return func(q, k, v, heads, *args, mask=mask, **kwargs)
 
         options = kwargs.get("transformer_options") or {}
-        layer = self.layers.get((options.get("block_type"), options.get("block_index")))
+        ctx: Call | None = options.get(CONTEXT)
+        block = (options.get("block_type"), options.get("block_index"))
+        if block[1] is None and ctx is not None and q.ndim == 4 and q.shape[2] == ctx.joint:
+            block = ("double", next(ctx.blocks))  # 0.3.75's NextDiT names no block: its main blocks run in order
+        layer = self.layers.get(block)
         if layer is None:
             return attend(q, k, v, mask)
-        ctx: Call | None = options.get(CONTEXT)
         if ctx is None:
             raise StoryDiffusionError(f"{NODE}: DiT block {layer.name} was called outside the patched model's model "
                                       f"call (its context is missing): run the model through a ComfyUI sampler")
@@ -114,10 +159,11 @@ class JointAttention:
         if level is None or q.ndim != 4 or q.shape[0] != ctx.rows:
             return attend(q, k, v, mask)
         span = (ctx.text, ctx.text + level.tokens)
-        if q.shape[2] < span[1]:
+        need = ctx.joint or span[1]
+        if q.shape[2] < need or ctx.joint is not None and q.shape[2] != need:
             raise UnsupportedModelError(f"{NODE}: DiT block {layer.name} has {q.shape[2]} tokens where the call's "
-                                        f"{ctx.text} text and {level.tokens} image tokens need {span[1]}: an unknown "
-                                        f"layout")
+                                        f"{ctx.text} text and {level.tokens} image tokens need {need}: an unknown "
+                                        f"layout (e.g. reference images the model appends)")
         if level.order is not None:
             raise UnsupportedModelError(f"{NODE}: context windows with reference_count > 0 are not supported on DiT "
                                         f"models")
@@ -125,9 +171,10 @@ class JointAttention:
         return joint_consistent_attention(q, k, v, level.plan, span, attend, mask, token_dim)
 
 
-def dit_layers(family: Family, block_types: tuple) -> dict:
-    """``{(block_type, index): JointLayer}`` for every block of ``block_types`` in ``family``."""
-    return {(kind, i): JointLayer(kind, i) for kind in block_types for i in range(family.blocks.get(kind, 0))}
+def dit_layers(family: Family, stages: tuple) -> dict:
+    """``{(block_type, index): JointLayer}`` for every block of ``stages`` ("double", "single") in ``family``."""
+    return {(kind, i): JointLayer(kind, i) for stage in stages for kind, indices in family.stages[stage]
+            for i in indices}
 
 
 __all__ = ["DIT_BLOCK_CHOICES", "FACTOR", "Family", "JointAttention", "JointLayer", "SUPPORTED", "dit_family",

@@ -52,7 +52,8 @@ class CSASettings:
 
     rates: sampling rate by image-level downsampling factor of the layer (8, 16, 32; coarser layers use the
     1/32 rate; DiT image tokens sit at 1/16). reference_count: R (0 = all-to-all). seed: sampling seed. blocks:
-    ComfyUI block names to patch in a UNet; dit_blocks: block types to patch in a DiT ("double", "single").
+    ComfyUI block names to patch in a UNet; dit_blocks: DiT stages to patch ("double": the early blocks, "single":
+    the later ones; which blocks they are per family: dit.dit_family).
     sigma_start / sigma_end: CSA is active while ``sigma_end <= sigma <= sigma_start``.
     schedule: "always", or "storydiffusion" (the reference app: plain attention at step 0, then each layer call
     skips CSA with probability 0.3 for steps 1..19 and 0.1 from step 20, deterministic per seed).
@@ -197,8 +198,9 @@ class StoryAttention:
         if run is None or run.spec is not self:  # ComfyUI merges model wrappers only where a sampler runs
             raise StoryDiffusionError(f"{NODE}: the patched model was called outside a run of ComfyUI's sampler "
                                       f"(its OUTER_SAMPLE wrapper did not run)")
-        text = 0 if self.family is None or c_crossattn is None else c_crossattn.shape[1]
-        call = run.describe(x, float(t.max()), options, text)  # the call's one host read
+        text, joint = (0, None) if self.family is None or c_crossattn is None else \
+            self.family.layout(c_crossattn.shape[1], tuple(x.shape[-2:]))
+        call = run.describe(x, float(t.max()), options, text, joint)  # the call's one host read
         return executor(x, t, c_concat, c_crossattn, control, {**options, CONTEXT: call}, **kwargs)
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):

@@ -27,9 +27,9 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "Share of another image's tokens each image sees, in layers at 1/32 of the image size "
                     "(and coarser). The reference app's sa32. 0 = plain self-attention, 1 = all tokens.")),
                 io.Float.Input("sampling_rate_1_16", **_RATE, tooltip=(
-                    "Same for layers at 1/16 of the image size (the reference app's sa64). DiT models (Flux, Chroma) "
-                    "have all their image tokens at 1/16 (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): this rate "
-                    "applies to every patched DiT block.")),
+                    "Same for layers at 1/16 of the image size (the reference app's sa64). DiT models (Flux, Chroma, "
+                    "Qwen-Image, Lumina2, Z-Image) have all their image tokens at 1/16 (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): "
+                    "this rate applies to every patched DiT block.")),
                 io.Float.Input("sampling_rate_1_8", **_RATE, tooltip=(
                     "Same for layers at 1/8 of the image size (SD1.x/SD2.x only; SDXL has none).")),
                 io.Int.Input("reference_count", default=0, min=0, max=64, tooltip=(
@@ -57,9 +57,10 @@ class ConsistentSelfAttention(io.ComfyNode):
                                tooltip=(
                     "Which blocks of a DiT get CSA in their joint attention (image queries also see the other "
                     "images' image tokens; text queries keep their own panel). 'single-stream' (default): the later "
-                    "blocks (Flux.1 and Chroma: 38 of 57), as the reference app patches the later half (the "
-                    "decoder) of a UNet, at two thirds of the extra cost of 'all'. 'double-stream': the early "
-                    "blocks. Ignored for UNets.")),
+                    "blocks (Flux.1 and Chroma: the 38 single-stream of 57; Qwen-Image, Lumina2 and Z-Image, which "
+                    "have one kind of block: the later half, e.g. 30 of Qwen-Image's 60), as the reference app "
+                    "patches the later half (the decoder) of a UNet. 'double-stream': the early blocks (Flux: the "
+                    "19 double-stream; the others: the earlier half). Ignored for UNets.")),
             ],
             outputs=[io.Model.Output(display_name="CSA model", tooltip="A patched clone; the input model is unchanged.")],
         )

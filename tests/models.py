@@ -124,3 +124,46 @@ def small_flux(kind: str = "flux1", seed: int = 0, scale: float = 0.2, depth: in
     model = cls(config).get_model({}, device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed=seed, scale=scale)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def small_qwen_image(seed: int = 0, scale: float = 0.2, layers: int = 1):
+    """A ModelPatcher around Qwen-Image's DiT with its real block layout (``layers`` joint blocks, each with a
+    text and an image stream), 2 heads of 16, random weights. Text tokens are 32 wide; latents are 5-D
+    ``[B, 16, 1, H, W]`` (Wan 2.1's latent format), patch 2."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+              "num_layers": layers, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+              "axes_dims_rope": (4, 6, 6), "dtype": torch.float32}
+    model = sm.QwenImage(config).get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed, scale=scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def small_nextdit(kind: str = "lumina2", seed: int = 0, scale: float = 0.2, layers: int = 1):
+    """A ModelPatcher around NextDiT with its real block layout: one context refiner (text only), one noise
+    refiner (image only), ``layers`` main blocks over [text, image]; 2 heads, random weights.
+
+    ``kind``: "lumina2" (grouped-query attention: 1 key/value head) or "zimage" (Z-Image: its modulation, which
+    needs a width of at least 256, 2 heads of 128 with its RoPE axes; text and image tokens padded to multiples of
+    32). Text tokens are 32 wide; latents 16 channels, patch 2.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": layers,
+              "n_refiner_layers": 1, "n_heads": 2, "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [8, 12, 12],
+              "axes_lens": [300, 512, 512], "multiple_of": 16, "dtype": torch.float32}
+    if kind == "lumina2":
+        config.update(n_kv_heads=1, ffn_dim_multiplier=4.0)
+        cls = sm.Lumina2
+    elif kind == "zimage":
+        config.update(dim=256, n_kv_heads=2, axes_dims=[32, 48, 48], ffn_dim_multiplier=8.0 / 3.0, rope_theta=256.0,
+                      z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)
+        cls = sm.ZImage
+    else:
+        raise ValueError(kind)
+    model = cls(config).get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed, scale=scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

@@ -2,43 +2,72 @@
 per-image oracle written from the semantics: in each cond_or_uncond chunk, the IMAGE queries of image i attend to
 its own joint sequence plus the image tokens of the other images (rate 1: all of them), its TEXT queries to its
 own sequence only."""
+import itertools
+
 import pytest
 import torch
 
-from models import small_flux
+from models import small_flux, small_nextdit, small_qwen_image
 from sampling_helpers import close, mha
 
-KINDS = ("flux1", "schnell", "chroma", "flux2")
-TEXT = 6  # text tokens of the test conditioning (Flux.2 pads them to 512)
+KINDS = ("flux1", "schnell", "chroma", "flux2", "qwen", "lumina2", "zimage")
+NEXTDIT = ("lumina2", "zimage")
+TEXT = 6  # text tokens of the test conditioning (Flux.2 pads them to 512, Z-Image to 32)
 
 
 def text_tokens(kind):
-    return 512 if kind == "flux2" else TEXT
+    return {"flux2": 512, "zimage": 32}.get(kind, TEXT)
+
+
+def small_dit(kind, **kw):
+    if kind in NEXTDIT:
+        return small_nextdit(kind, **kw)
+    return small_qwen_image(**kw) if kind == "qwen" else small_flux(kind, **kw)
+
+
+def nextdit_layout(kind, layers=1, size=6):
+    """joint_oracle's arguments for NextDiT (which names no block on 0.3.75): its ``layers`` main blocks are its
+    calls over the whole padded sequence; Z-Image pads the image tokens to 32 too."""
+    if kind not in NEXTDIT:
+        return {}
+    image = (size // 2) ** 2
+    return {"image": image, "layers": layers,
+            "joint": text_tokens(kind) + (32 if kind == "zimage" else image)}
 
 
 def sample_dit(model, b, kind, cfg=1.0, steps=2, seed=0, size=6):
-    """Sample a ``b``-image batch of a small Flux-family model with the stock sampler (``size``: latent side)."""
+    """Sample a ``b``-image batch of a small DiT with the stock sampler (``size``: latent side; Qwen-Image's
+    latents are 5-D with one frame)."""
     import comfy.sample
 
     gen = torch.Generator().manual_seed(123)
     extra = lambda n: {"pooled_output": torch.randn(n, 32, generator=gen)}  # noqa: E731  (Flux's encode_adm reads it)
     positive = [[torch.randn(b, TEXT, 32, generator=gen), extra(b)]]
     negative = [[torch.randn(1, TEXT, 32, generator=gen), extra(1)]]
-    latent = torch.zeros(b, 128 if kind == "flux2" else 16, size, size)
+    channels = {"flux2": 128, "qwen": 16}.get(kind, 16)
+    latent = torch.zeros(b, channels, 1, size, size) if kind == "qwen" else torch.zeros(b, channels, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=seed,
                                disable_pbar=True)
 
 
-def joint_oracle(text, blocks, refs=0):
+def joint_oracle(text, blocks, refs=0, image=None, joint=None, layers=None):
     """Independent CSA at rate 1 in the joint attention of ``blocks`` ((block_type, index), ...): a loop over the
     images of every chunk building each image's keys (text + image of its own row; image queries also the image
-    tokens of the other images, or of the references in reference mode)."""
+    tokens of the other images, or of the references in reference mode). ``image``: the image tokens after the
+    text (None: all the rest; padding after them attends to its own row). ``joint``, ``layers``: only calls over
+    ``joint`` tokens are blocks, the ``layers`` blocks of a model that names none, in order."""
+    calls = itertools.count()
+
     def override(func, q, k, v, heads, *args, **kwargs):
         opts = kwargs["transformer_options"]
-        if (opts["block_type"], opts["block_index"]) not in blocks:
+        block = (opts.get("block_type"), opts.get("block_index"))
+        if joint is not None and q.shape[2] == joint and block[1] is None:
+            block = ("double", next(calls) % layers)
+        if block not in blocks or joint is not None and q.shape[2] != joint:
             return func(q, k, v, heads, *args, **kwargs)
         rows, h, n, d = q.shape
+        e = n if image is None else text + image
         b = rows // len(opts["cond_or_uncond"])
         flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], h * d)  # noqa: E731  [h, n, d] -> [n, h*d]
         out = torch.empty(rows, n, h * d, dtype=q.dtype)
@@ -51,10 +80,11 @@ def joint_oracle(text, blocks, refs=0):
             else:
                 partners = [j for j in range(b) if j != i]
             others = [chunk * b + j for j in partners]
-            kk = torch.cat([flat(k[row])] + [flat(k[r])[text:] for r in others])
-            vv = torch.cat([flat(v[row])] + [flat(v[r])[text:] for r in others])
-            out[row, :text] = mha(flat(q[row])[:text], flat(k[row]), flat(v[row]), h)
-            out[row, text:] = mha(flat(q[row])[text:], kk, vv, h)
+            kk = torch.cat([flat(k[row])] + [flat(k[r])[text:e] for r in others])
+            vv = torch.cat([flat(v[row])] + [flat(v[r])[text:e] for r in others])
+            own = torch.cat((torch.arange(text), torch.arange(e, n)))
+            out[row, own] = mha(flat(q[row])[own], flat(k[row]), flat(v[row]), h)
+            out[row, text:e] = mha(flat(q[row])[text:e], kk, vv, h)
         return out
     return override
 
@@ -77,19 +107,21 @@ ALL = {("double", 0), ("single", 0)}
 @pytest.mark.parametrize("kind", KINDS)
 def test_rate_one_is_the_joint_oracle(host, pack, kind):
     """Rate 1, every block, CFG 3 (two chunks in one call): equal to the per-image oracle; and CSA is visible."""
-    model = small_flux(kind)
+    model = small_dit(kind)
     got = sample_dit(csa(pack, model), 3, kind, cfg=3.0)
-    close(got, sample_dit(with_override(model, joint_oracle(text_tokens(kind), ALL)), 3, kind, cfg=3.0))
+    oracle = joint_oracle(text_tokens(kind), ALL, **nextdit_layout(kind))
+    close(got, sample_dit(with_override(model, oracle), 3, kind, cfg=3.0))
     assert (got - sample_dit(model, 3, kind, cfg=3.0)).abs().max() > 1e-3, "CSA changed nothing"
 
 
-@pytest.mark.parametrize("kind", ("flux1", "chroma"))
+@pytest.mark.parametrize("kind", ("flux1", "chroma", "qwen", "zimage"))
 def test_reference_mode_and_cfg_one_match_the_oracle(host, pack, kind):
     """R = 2 references of 4 images, guidance-distilled cfg 1 (one chunk): the references share among themselves,
     the others see the references' image tokens only."""
-    model = small_flux(kind)
+    model = small_dit(kind)
     got = sample_dit(csa(pack, model, refs=2), 4, kind)
-    close(got, sample_dit(with_override(model, joint_oracle(TEXT, ALL, refs=2)), 4, kind))
+    oracle = joint_oracle(text_tokens(kind), ALL, refs=2, **nextdit_layout(kind))
+    close(got, sample_dit(with_override(model, oracle), 4, kind))
 
 
 def test_block_choice_patches_only_those_blocks(host, pack):
@@ -100,9 +132,18 @@ def test_block_choice_patches_only_those_blocks(host, pack):
     close(got, sample_dit(with_override(model, oracle), 2, "flux1", cfg=2.0))
 
 
-@pytest.mark.parametrize("kind", ("flux1", "flux2"))
+def test_qwen_image_single_stream_choice_is_its_later_half(host, pack):
+    """Qwen-Image has only joint ("double") blocks: dit_blocks = single-stream patches the later half of them
+    (an odd count: the middle block counts as early), double-stream the earlier half."""
+    model = small_qwen_image(layers=3)
+    for choice, blocks in ((("single",), {("double", 2)}), (("double",), {("double", 0), ("double", 1)})):
+        got = sample_dit(csa(pack, model, dit_blocks=choice), 2, "qwen", cfg=2.0, size=5)
+        close(got, sample_dit(with_override(model, joint_oracle(TEXT, blocks)), 2, "qwen", cfg=2.0, size=5))
+
+
+@pytest.mark.parametrize("kind", ("flux1", "flux2", "qwen", "lumina2", "zimage"))
 def test_one_image_and_rate_zero_are_the_unpatched_model(host, pack, kind):
-    model = small_flux(kind)
+    model = small_dit(kind)
     for b, rate in ((1, 1.0), (3, 0.0)):
         assert torch.equal(sample_dit(csa(pack, model, rate=rate), b, kind, cfg=2.0),
                            sample_dit(model, b, kind, cfg=2.0)), (b, rate)
@@ -193,3 +234,47 @@ def test_node_patches_single_stream_blocks_by_default(host, pack):
         model = node.execute(small_flux("flux1", depth=2, single=2), **args, **extra).result[0]
         (spec,) = model.get_wrappers(ext.WrappersMP.APPLY_MODEL, "storydiffusion_native")
         assert set(spec.layers) == layers, choice
+    for model in (small_qwen_image(layers=4), small_nextdit(layers=4)):  # one kind of block: the later half
+        model = node.execute(model, **args).result[0]
+        (spec,) = model.get_wrappers(ext.WrappersMP.APPLY_MODEL, "storydiffusion_native")
+        assert set(spec.layers) == {"double.2", "double.3"}
+
+
+@pytest.mark.parametrize("kind", NEXTDIT)
+def test_nextdit_blocks_are_counted_and_its_refiners_left_alone(host, pack, kind):
+    """NextDiT names no block on 0.3.75: its main blocks are its calls over the whole (padded) sequence, in order;
+    the context refiner (text only) and noise refiner (image only) stay plain. dit_blocks picks the later half
+    (single-stream) or the earlier half (double-stream) of 3 blocks."""
+    model = small_nextdit(kind, layers=3)
+    for choice, blocks in ((("single",), {("double", 2)}), (("double",), {("double", 0), ("double", 1)})):
+        got = sample_dit(csa(pack, model, dit_blocks=choice), 2, kind, cfg=2.0)
+        oracle = joint_oracle(text_tokens(kind), blocks, **nextdit_layout(kind, layers=3))
+        close(got, sample_dit(with_override(model, oracle), 2, kind, cfg=2.0))
+
+
+def test_text_padding_mask_of_current_comfyui_matches_the_oracle(host, pack):
+    """Current ComfyUI's Qwen-Image masks padded text keys with an additive ``[rows, 1, text + image]`` mask
+    (0.3.75 passes none). With two prompts of 2 and 5 real tokens, rate 1, two chunks: every query skips its own
+    row's padding, image queries also see all image tokens of the other images of its chunk (never masked)."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    plan_for = pack("attention.context").plan_for
+    joint = pack("attention.csa").joint_consistent_attention
+    g, b, h, text, img, d = 2, 2, 2, 6, 9, 8
+    n, rows = text + img, g * b
+    q, k, v = (torch.randn(rows, h, n, d, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3))
+    keep = torch.ones(rows, n, dtype=torch.bool)
+    for row, real in enumerate((2, 5) * g):
+        keep[row, real:text] = False
+    mask = ((~keep).float() * -torch.finfo(torch.float32).max).unsqueeze(1)  # the model's [rows, 1, N]
+    got = joint(q, k, v, plan_for(0, 0, img, b, 1.0), (text, n),
+                lambda q, k, v, m: optimized_attention(q, k, v, h, m, skip_reshape=True), mask)
+    flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], h * d)  # noqa: E731
+    for row in range(rows):
+        chunk, i = divmod(row, b)
+        own_k, own_v = flat(k[row])[keep[row]], flat(v[row])[keep[row]]
+        others = [chunk * b + j for j in range(b) if j != i]
+        kk = torch.cat([own_k] + [flat(k[r])[text:] for r in others])
+        vv = torch.cat([own_v] + [flat(v[r])[text:] for r in others])
+        close(got[row, :text], mha(flat(q[row])[:text], own_k, own_v, h))
+        close(got[row, text:], mha(flat(q[row])[text:], kk, vv, h))

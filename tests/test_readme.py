@@ -97,12 +97,12 @@ def _small_sd2(scale=0.05):
 
 
 def test_accepted_model_families_are_the_readme_ones(host, pack):
-    """README: CSA works on SD1.x, SD2.x and SDXL (oracle-exact, through the sampler) and on the Flux family
-    (Flux.1, Flux.2, Chroma: tests/test_dit_csa.py); other DiTs (Qwen-Image here) and video UNets (SVD) are
-    refused with a clear error naming the node (and, for DiTs, the supported families)."""
+    """README: CSA works on SD1.x, SD2.x and SDXL (oracle-exact, through the sampler) and on the DiTs Flux.1,
+    Flux.2, Chroma, Qwen-Image, Lumina2 and Z-Image (tests/test_dit_csa.py); other DiTs (SD3 here) and video UNets
+    (SVD) are refused with a clear error naming the node (and, for DiTs, the supported families)."""
     import pytest
     import torch
-    from models import small_flux, small_svd, small_unet
+    from models import small_flux, small_nextdit, small_qwen_image, small_svd, small_unet
     from sampling_helpers import close, csa_model, sample, with_oracle
 
     readme = (REPO / "README.md").read_text()
@@ -117,21 +117,26 @@ def test_accepted_model_families_are_the_readme_ones(host, pack):
         assert (csa - sample(model, 2, kind=sample_kind)).abs().max() > 1e-3, f"{kind}: CSA changed nothing"
     for kind in ("flux1", "schnell", "flux2", "chroma"):
         csa_model(pack, small_flux(kind))
-    for name, model in (("Qwen-Image", _small_qwen_image()), ("SVD", small_svd())):
+    for model in (small_qwen_image(), small_nextdit("lumina2"), small_nextdit("zimage")):
+        csa_model(pack, model)
+    for name, model in (("SD3", _small_sd3()), ("SVD", small_svd())):
         with pytest.raises(errors.UnsupportedModelError, match="SDN_ConsistentSelfAttention"):
             csa_model(pack, model)
-    with pytest.raises(errors.UnsupportedModelError, match="Flux.1 .dev, schnell., Flux.2, Chroma"):
-        csa_model(pack, _small_qwen_image())
+    supported = "Flux.1 .dev, schnell., Flux.2, Chroma, Qwen-Image, Lumina2, Z-Image"
+    with pytest.raises(errors.UnsupportedModelError, match=supported):
+        csa_model(pack, _small_sd3())
 
 
-def _small_qwen_image():
-    """Qwen-Image's real block layout (one joint block), tiny widths."""
+def _small_sd3():
+    """SD3's MMDiT layout (one joint block, 64 wide), tiny widths."""
     import comfy.model_patcher
     import comfy.supported_models as sm
     import torch
 
-    config = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
-              "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
-              "axes_dims_rope": (4, 6, 6), "dtype": torch.float32}
-    return comfy.model_patcher.ModelPatcher(sm.QwenImage(config).get_model({}, device=torch.device("cpu")),
+    config = {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "depth": 1, "out_channels": 16,
+              "adm_in_channels": 32, "pos_embed_max_size": 8, "num_patches": 64,
+              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32,
+                                                                                 "out_features": 64}},
+              "dtype": torch.float32}
+    return comfy.model_patcher.ModelPatcher(sm.SD3(config).get_model({}, device=torch.device("cpu")),
                                             torch.device("cpu"), torch.device("cpu"))
