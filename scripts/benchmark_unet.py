@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from bench_common import DTYPES, best_of, csa_floors, start
+
 REPORTED = "1.96-2.3"  # the reference app's SDXL step over vanilla, as reported
 
 
@@ -50,12 +47,9 @@ def unet_flops(model, latent_hw, rows: int) -> float:
 def floors(decoder: list, unet_per_row: float, images: int, refs: int) -> dict:
     """FLOP floor of every mode over vanilla. ``decoder``: ``[(N, M, C), ...]`` per patched layer. Every extra
     key is scored once (QK^T and AV: 4 N E C per row), bank tokens are projected once per half (k, v: 4 E C^2)."""
-    csa = sum(4 * n * (images - 1) * m * c for n, m, c in decoder) * images * 2
     read = sum(4 * n * refs * m * c * images * 2 + 2 * 4 * refs * m * c * c for n, m, c in decoder)
-    free = sum(4 * n * refs * m * c * images * 2 + 4 * n * max(refs - 1, 0) * m * c * refs * 2 for n, m, c in decoder)
-    vanilla = unet_per_row * images * 2
-    return {"vanilla": 1.0, "csa": 1 + csa / vanilla, "read fp16": 1 + read / vanilla, "read fp8": 1 + read / vanilla,
-            "bank-free": (unet_per_row * (images + refs) * 2 + free) / vanilla}
+    read = 1 + read / (unet_per_row * images * 2)
+    return {**csa_floors(decoder, unet_per_row, images, refs, 2), "read fp16": read, "read fp8": read}
 
 
 def reference_app_bytes(decoder: list, refs: int, steps: int) -> int:
@@ -129,11 +123,6 @@ def benchmark(pack, kind: str, size: int, args, dtype, device, cuda: bool) -> No
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
         comfy.sample.sample(m, noise, 1, 5.0, "euler", "normal", positive, negative, latent, seed=0,
                             disable_pbar=True)
-        if cuda:
-            torch.cuda.synchronize()
-
-    clock = time.perf_counter if cuda else time.process_time  # CPU: the process's own CPU time, whatever else runs
-
 
     banks = {}
     for label, storage in (("read fp16", torch.float16), ("read fp8", torch.float8_e4m3fn)):
@@ -144,12 +133,8 @@ def benchmark(pack, kind: str, size: int, args, dtype, device, cuda: bool) -> No
              **{label: (patch.apply_reading(model, patch.BankReader((bank,))), story) for label, bank in banks.items()},
              "bank-free": (patch.apply_csa(model, patch.CSASettings(rates=settings.rates, reference_count=r)),
                            together)}
-    times = dict.fromkeys(modes, float("inf"))
-    for _ in range(args.repeats or (5 if cuda else 2)):  # round robin, best of each: drifting load hits all modes
-        for mode, (m, positive) in modes.items():
-            t = clock()
-            step(m, positive)
-            times[mode] = min(times[mode], clock() - t)
+    times = best_of({mode: (lambda m=m, p=p: step(m, p)) for mode, (m, p) in modes.items()},
+                    args.repeats or (5 if cuda else 2), cuda)
 
     (spec,) = csa.get_wrappers(ext.WrappersMP.APPLY_MODEL, patch.WRAPPER)
     decoder = []
@@ -179,23 +164,10 @@ def main(argv=None) -> int:
     ap.add_argument("--refs", type=int, default=1)
     ap.add_argument("--rate", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per mode, best taken (CPU 2, CUDA 5)")
-    ap.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, else fp32")
+    ap.add_argument("--dtype", default=None, choices=DTYPES, help="default: fp16 on CUDA, else fp32")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(HERE))  # never the repo root (its nodes/ would shadow ComfyUI's nodes.py)
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    import sdn_host
-    import torch
-
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    host = sdn_host.bootstrap(tempfile.mkdtemp(prefix="sdn_bench_"), cpu=not cuda)
-    import comfy.model_management
-
-    device = comfy.model_management.get_torch_device()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-        args.dtype or ("fp16" if cuda else "fp32")]
-    machine = torch.cuda.get_device_name(device) if cuda else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"# {machine}; torch {torch.__version__}; {dtype}; B = {args.images} images x 2 CFG halves, R = "
+    host, cuda, device, dtype, machine = start(args.device, args.dtype)
+    print(f"# {machine}; B = {args.images} images x 2 CFG halves, R = "
           f"{args.refs} reference(s), rate {args.rate} on the decoder; one Euler step")
     print(f"{'model':<6} {'px':>5} {'mode':<10} {'s/step':>8} {'x vanilla':>9} {'floor':>6} {'syncs/call':>10} "
           f"{'bank MiB':>9} {'x ref app':>9}")
