@@ -19,8 +19,12 @@ ComfyUI masks padded text keys with a ``[rows, 1, N]`` mask, which csa.py reads 
 Z-Image (NextDiT: main blocks over [txt, img], Z-Image padding both to multiples of 32 with pad tokens that stay
 with their own row; its context and noise refiners attend over the text or the image alone and are left alone;
 0.3.75 names no block there, so the main blocks are the calls over exactly the padded sequence, counted per
-model call). The text part is the conditioning's token count as the model pads it, read by the APPLY_MODEL
-wrapper.
+model call). SD3/SD3.5 (MMDiT: joint blocks over [context, x], no RoPE; SD3.5 Medium's MMDiT-X blocks also run an image-only self-attention, its x_block's attn2, which
+gets the UNet semantics: image i attends to its own tokens plus the tokens sampled from the other images) and
+HiDream (IMAGE first, then T5 and two llama streams, after RoPE; double- then single-stream blocks, every one over
+the same sequence) name no block either: their calls are counted per model call in the order the model makes them
+(:attr:`Family.calls`). The text part is the conditioning's token count as the model pads it (plus what the model
+adds: HiDream's llama tokens), read by the APPLY_MODEL wrapper.
 
 DiT image tokens sit at 1/16 of the image (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): their layers use the
 node's 1/16 rate.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .context import CONTEXT, NODE, Call
@@ -48,7 +53,12 @@ class Family:
 
     ``pad``: the model pads its text and its image tokens to multiples of ``pad`` (Z-Image: 32; 1: none).
     ``exact``: the patched blocks' sequence is exactly the padded text and image (NextDiT, whose refiner blocks
-    also attend, over the text or the image alone, and which names no block index on 0.3.75).
+    also attend, over the text or the image alone, and which names no block index on 0.3.75; SD3; HiDream).
+    ``calls``: for a model that names no block, the ``(block_type, index)`` of each of its calls over the whole
+    sequence or (block_type "x_block": SD3.5's image-only attn2) over the image tokens alone, in call order.
+    ``image_first``: the image tokens come first, the text after them (HiDream).
+    ``more_text``: tokens the model adds to the conditioning's text, from the model call's other conditioning
+    (keyword arguments of the model call): HiDream's two llama streams.
     """
 
     name: str
@@ -56,18 +66,23 @@ class Family:
     patch: int
     pad: int = 1
     exact: bool = False
+    calls: tuple = ()
+    image_first: bool = False
+    more_text: Callable[[dict], int] | None = None
 
     def image_tokens(self, latent_hw: tuple) -> int:
         return math.ceil(latent_hw[0] / self.patch) * math.ceil(latent_hw[1] / self.patch)
 
-    def layout(self, text: int, latent_hw: tuple) -> tuple:
-        """``(text, joint)`` tokens of the patched blocks for a conditioning of ``text`` tokens: the text part
-        as the model pads it, and the whole sequence where it is ``exact`` (else None: it may hold more)."""
-        text = -(-text // self.pad) * self.pad
-        return text, text + -(-self.image_tokens(latent_hw) // self.pad) * self.pad if self.exact else None
+    def layout(self, text: int, latent_hw: tuple, conds: dict | None = None) -> tuple:
+        """``(start, joint)`` tokens of the patched blocks for a conditioning of ``text`` tokens (``conds``: the
+        model call's other conditioning): where the image tokens start (after the text as the model pads it; 0
+        where the image comes first), and the whole sequence where it is ``exact`` (else None: it may hold more)."""
+        text = -(-(text + (self.more_text(conds or {}) if self.more_text else 0)) // self.pad) * self.pad
+        joint = text + -(-self.image_tokens(latent_hw) // self.pad) * self.pad if self.exact else None
+        return 0 if self.image_first else text, joint
 
 
-SUPPORTED = "Flux.1 (dev, schnell), Flux.2, Chroma, Qwen-Image, Lumina2, Z-Image"
+SUPPORTED = "Flux.1 (dev, schnell), Flux.2, Chroma, Qwen-Image, Lumina2, Z-Image, SD3, SD3.5, HiDream"
 
 
 def _halves(block_type: str, count: int) -> dict:
@@ -77,17 +92,36 @@ def _halves(block_type: str, count: int) -> dict:
     return {"double": ((block_type, range(half)),), "single": ((block_type, range(half, count)),)}
 
 
+def _mmdit(net) -> Family:
+    """SD3/SD3.5: one kind of joint block (halves as :func:`_halves`); a block's image-only attn2 (MMDiT-X) goes
+    with its block. The model makes, per block, the joint call, then the attn2 call where it has one."""
+    own = [i for i, block in enumerate(net.joint_blocks) if block.x_block.x_block_self_attn]
+    stages = {stage: entries + (("x_block", [i for i in own if i in entries[0][1]]),)
+              for stage, entries in _halves("double", len(net.joint_blocks)).items()}
+    calls = tuple(c for i in range(len(net.joint_blocks)) for c in (("double", i),) + ((("x_block", i),) if i in own
+                                                                                         else ()))
+    return Family("SD3.5 (MMDiT-X)" if own else "SD3", stages, net.patch_size, exact=True, calls=calls)
+
+
+def _hidream_llama_tokens(conds: dict) -> int:
+    """HiDream's text after T5: the last llama layer's tokens and the block's own llama layer's, as many each."""
+    return 2 * conds["encoder_hidden_states_llama3"].shape[2]
+
+
 def dit_family(model_patcher, node: str = NODE) -> Family | None:
     """The :class:`Family` of a supported DiT, None for a model that is not a DiT (a UNet). Raises
     UnsupportedModelError naming ``node`` for DiTs and other transformers it does not support.
 
-    Flux.1/Flux.2/Chroma: "double" = the double-stream blocks, "single" = the single-stream blocks. Qwen-Image and
-    Lumina2/Z-Image (NextDiT) have one kind of joint block (block_type "double"): "double" = the earlier half,
-    "single" = the later half, as Flux's later blocks and the reference app's UNet decoder. NextDiT's context
-    and noise refiners (text only, image only) are never patched."""
+    Flux.1/Flux.2/Chroma/HiDream: "double" = the double-stream blocks, "single" = the single-stream blocks.
+    Qwen-Image, Lumina2/Z-Image (NextDiT) and SD3/SD3.5 (MMDiT) have one kind of joint block (block_type
+    "double"): "double" = the earlier half, "single" = the later half, as Flux's later blocks and the reference
+    app's UNet decoder; an MMDiT-X block's image-only attn2 is patched with its block. NextDiT's context and
+    noise refiners (text only, image only) are never patched."""
     import comfy.ldm.chroma.model as chroma
     import comfy.ldm.flux.model as flux
+    import comfy.ldm.hidream.model as hidream
     import comfy.ldm.lumina.model as lumina
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
     import comfy.ldm.qwen_image.model as qwen_image
 
     net = model_patcher.get_model_object("diffusion_model")
@@ -102,14 +136,22 @@ def dit_family(model_patcher, node: str = NODE) -> Family | None:
     if type(net) is lumina.NextDiT:
         pad = net.pad_tokens_multiple
         return Family("Z-Image" if pad else "Lumina2", _halves("double", len(net.layers)), net.patch_size,
-                      pad or 1, exact=True)
+                      pad or 1, exact=True, calls=tuple(("double", i) for i in range(len(net.layers))))
+    if type(net) is mmdit.OpenAISignatureMMDITWrapper:
+        return _mmdit(net)
+    if type(net) is hidream.HiDreamImageTransformer2DModel:
+        double, single = len(net.double_stream_blocks), len(net.single_stream_blocks)
+        return Family("HiDream", {"double": (("double", range(double)),), "single": (("single", range(single)),)},
+                      net.patch_size, exact=True, image_first=True, more_text=_hidream_llama_tokens,
+                      calls=tuple(("double", i) for i in range(double)) + tuple(("single", i) for i in range(single)))
     raise UnsupportedModelError(f"{node}: input 'model': expected SD1.x, SD2.x, SDXL or one of the DiT families "
                                 f"{SUPPORTED}, got {type(net).__name__}")
 
 
 class JointLayer:
     """One patched DiT block's joint attention: ``key`` (block type, index, 0) keys the schedule's gates;
-    ``factor``: 16; ``name``: "double.3". Immutable."""
+    ``factor``: 16; ``name``: "double.3"; ``image_only``: an attention over the image tokens alone (block type
+    "x_block", SD3.5's attn2). Immutable."""
 
     shares = True
     factor = FACTOR
@@ -118,6 +160,7 @@ class JointLayer:
     def __init__(self, block_type: str, index: int):
         self.key = (block_type, index, 0)
         self.name = f"{block_type}.{index}"
+        self.image_only = block_type == "x_block"
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,12 +168,16 @@ class JointAttention:
     """ComfyUI's ``optimized_attention_override`` of a patched DiT, ``override(func, q, k, v, heads, ...)``.
 
     ``layers``: ``{(block_type, index): JointLayer}``; ``previous``: an override that was on the model before,
-    called instead of ``func`` (with the extended keys where CSA runs). Every other call (blocks not patched,
-    calls that are not the model call's rows) passes through unchanged.
+    called instead of ``func`` (with the extended keys where CSA runs); ``calls``: :attr:`Family.calls`. Every
+    other call (blocks not patched, calls that are not the model call's rows) passes through unchanged.
+    q/k/v come as ``[rows, heads, N, D]`` (``skip_reshape``) or ``[rows, N, heads * D]`` (SD3, HiDream; SD3's v
+    as ``[rows, N, heads, D]``): then viewed per head and handed on with ``skip_reshape``, which returns the same
+    ``[rows, N, heads * D]``.
     """
 
     layers: dict
     previous: object = None
+    calls: tuple = ()
 
     def __deepcopy__(self, memo):
         return self
@@ -147,8 +194,11 @@ class JointAttention:
         options = kwargs.get("transformer_options") or {}
         ctx: Call | None = options.get(CONTEXT)
         block = (options.get("block_type"), options.get("block_index"))
-        if block[1] is None and ctx is not None and q.ndim == 4 and q.shape[2] == ctx.joint:
-            block = ("double", next(ctx.blocks))  # 0.3.75's NextDiT names no block: its main blocks run in order
+        tokens = q.shape[2 if q.ndim == 4 else 1]
+        if block[1] is None and ctx is not None and ctx.joint is not None and (tokens == ctx.joint or tokens == (
+                ctx.joint - ctx.text) and any(kind == "x_block" for kind, _ in self.calls)):
+            index = next(ctx.blocks)  # a model that names no block: its blocks run in order
+            block = self.calls[index] if index < len(self.calls) else block
         layer = self.layers.get(block)
         if layer is None:
             return attend(q, k, v, mask)
@@ -156,10 +206,13 @@ class JointAttention:
             raise StoryDiffusionError(f"{NODE}: DiT block {layer.name} was called outside the patched model's model "
                                       f"call (its context is missing): run the model through a ComfyUI sampler")
         level = ctx.level(layer)
-        if level is None or q.ndim != 4 or q.shape[0] != ctx.rows:
+        if level is None or q.shape[0] != ctx.rows:
             return attend(q, k, v, mask)
-        span = (ctx.text, ctx.text + level.tokens)
-        need = ctx.joint or span[1]
+        if q.ndim == 3:  # SD3 hands v on as [rows, N, heads, D]
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+            kwargs["skip_reshape"] = True
+        span = (0, level.tokens) if layer.image_only else (ctx.text, ctx.text + level.tokens)
+        need = level.tokens if layer.image_only else ctx.joint or span[1]
         if q.shape[2] < need or ctx.joint is not None and q.shape[2] != need:
             raise UnsupportedModelError(f"{NODE}: DiT block {layer.name} has {q.shape[2]} tokens where the call's "
                                         f"{ctx.text} text and {level.tokens} image tokens need {need}: an unknown "

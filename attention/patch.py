@@ -199,7 +199,7 @@ class StoryAttention:
             raise StoryDiffusionError(f"{NODE}: the patched model was called outside a run of ComfyUI's sampler "
                                       f"(its OUTER_SAMPLE wrapper did not run)")
         text, joint = (0, None) if self.family is None or c_crossattn is None else \
-            self.family.layout(c_crossattn.shape[1], tuple(x.shape[-2:]))
+            self.family.layout(c_crossattn.shape[1], tuple(x.shape[-2:]), kwargs)
         call = run.describe(x, float(t.max()), options, text, joint)  # the call's one host read
         return executor(x, t, c_concat, c_crossattn, control, {**options, CONTEXT: call}, **kwargs)
 
@@ -276,7 +276,7 @@ def _apply_dit_csa(model_patcher, family: Family, settings: CSASettings):
     if isinstance(previous, JointAttention):  # CSA applied twice: the new settings replace the old ones
         previous = previous.previous
     layers = dit_layers(family, settings.dit_blocks)
-    options["optimized_attention_override"] = JointAttention(layers, previous)
+    options["optimized_attention_override"] = JointAttention(layers, previous, family.calls)
     _install(m, StoryAttention(settings, {layer.name: layer for layer in layers.values()}, family=family))
     return m
 

@@ -57,8 +57,9 @@ class ConsistentSelfAttention(io.ComfyNode):
                                tooltip=(
                     "Which blocks of a DiT get CSA in their joint attention (image queries also see the other "
                     "images' image tokens; text queries keep their own panel). 'single-stream' (default): the later "
-                    "blocks (Flux.1 and Chroma: the 38 single-stream of 57; Qwen-Image, Lumina2 and Z-Image, which "
-                    "have one kind of block: the later half, e.g. 30 of Qwen-Image's 60), as the reference app "
+                    "blocks (Flux.1 and Chroma: the 38 single-stream of 57; HiDream: its 32 single-stream of 48; Qwen-Image, "
+                    "Lumina2, Z-Image and SD3/SD3.5, which have one kind of block: the later half, e.g. 30 of "
+                    "Qwen-Image's 60; an SD3.5 Medium block's image-only attention goes with its block), as the reference app "
                     "patches the later half (the decoder) of a UNet. 'double-stream': the early blocks (Flux: the "
                     "19 double-stream; the others: the earlier half). Ignored for UNets.")),
             ],

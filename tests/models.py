@@ -167,3 +167,47 @@ def small_nextdit(kind: str = "lumina2", seed: int = 0, scale: float = 0.2, laye
     model = cls(config).get_model({}, device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed=seed, scale=scale)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def small_sd3(kind: str = "sd3", seed: int = 0, scale: float = 0.2, layers: int = 2):
+    """A ModelPatcher around SD3's MMDiT with its real block layout (``layers`` joint blocks over [context, x]; the
+    last one's context stream is pre-only), 2 heads of 64 (MMDiT's width is 64 x heads), random weights.
+
+    ``kind``: "sd3" (SD3 Medium / SD3.5 Large: MMDiT) or "sd35" (SD3.5 Medium: MMDiT-X, RMS q/k norms and an
+    image-only attn2 in the earlier half of the blocks). Text tokens and the pooled vector are 32 wide; latents 16
+    channels, patch 2.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "num_blocks": layers,
+              "input_size": None, "adm_in_channels": 32, "pos_embed_max_size": 16, "num_patches": 256,
+              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+              "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [], "dtype": torch.float32}
+    if kind == "sd35":
+        config.update(qk_norm="rms", x_block_self_attn_layers=list(range((layers + 1) // 2)))
+    elif kind != "sd3":
+        raise ValueError(kind)
+    model = sm.SD3(config).get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed, scale=scale)
+    with torch.no_grad():  # a checkpoint's position table, a buffer (init_weights_ fills parameters)
+        model.diffusion_model.pos_embed.copy_(torch.randn(1, 256, 128, generator=torch.Generator().manual_seed(seed)))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def small_hidream(seed: int = 0, scale: float = 0.2, double: int = 1, single: int = 1):
+    """A ModelPatcher around HiDream's DiT with its real block layout (``double`` double-stream and ``single``
+    single-stream blocks over [image, T5, llama, llama], mixture-of-experts feed-forwards: 4 routed, 2 active),
+    2 heads of 32, random weights. T5 tokens are 32 wide, the llama hidden states ``[B, 2, L, 32]`` (2 layers),
+    the pooled vector 32 wide; latents 16 channels, patch 2."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": double,
+              "num_single_layers": single, "attention_head_dim": 32, "num_attention_heads": 2,
+              "caption_channels": [32, 32], "text_emb_dim": 32, "num_routed_experts": 4, "num_activated_experts": 2,
+              "axes_dims_rope": [8, 12, 12], "max_resolution": [64, 64],
+              "llama_layers": [min(i, 1) for i in range(double + single)], "dtype": torch.float32}
+    model = sm.HiDream(config).get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed, scale=scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from models import small_flux, small_nextdit, small_qwen_image
+from models import small_flux, small_hidream, small_nextdit, small_qwen_image, small_sd3
 from sampling_helpers import close, mha
 
 KINDS = ("flux1", "schnell", "chroma", "flux2", "qwen", "lumina2", "zimage")
@@ -66,27 +66,36 @@ def joint_oracle(text, blocks, refs=0, image=None, joint=None, layers=None):
             block = ("double", next(calls) % layers)
         if block not in blocks or joint is not None and q.shape[2] != joint:
             return func(q, k, v, heads, *args, **kwargs)
-        rows, h, n, d = q.shape
-        e = n if image is None else text + image
-        b = rows // len(opts["cond_or_uncond"])
-        flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], h * d)  # noqa: E731  [h, n, d] -> [n, h*d]
-        out = torch.empty(rows, n, h * d, dtype=q.dtype)
-        for row in range(rows):
-            chunk, i = divmod(row, b)
-            if refs and i < refs:
-                partners = [j for j in range(refs) if j != i]
-            elif refs:
-                partners = list(range(refs))
-            else:
-                partners = [j for j in range(b) if j != i]
-            others = [chunk * b + j for j in partners]
-            kk = torch.cat([flat(k[row])] + [flat(k[r])[text:e] for r in others])
-            vv = torch.cat([flat(v[row])] + [flat(v[r])[text:e] for r in others])
-            own = torch.cat((torch.arange(text), torch.arange(e, n)))
-            out[row, own] = mha(flat(q[row])[own], flat(k[row]), flat(v[row]), h)
-            out[row, text:e] = mha(flat(q[row])[text:e], kk, vv, h)
-        return out
+        n = q.shape[2]
+        return per_image(q, k, v, len(opts["cond_or_uncond"]), (text, n if image is None else text + image), refs)
     return override
+
+
+def per_image(q, k, v, chunks, span, refs=0):
+    """The oracle's attention on ``[rows, heads, N, D]``: a loop over the images of every chunk; the queries of the
+    image tokens ``span`` of image i see its own row plus the ``span`` tokens of its partners (the other images, or
+    the references in reference mode), every other query its own row. Returns ``[rows, N, heads * D]``."""
+    rows, h, n, d = q.shape
+    s, e = span
+    b = rows // chunks
+    flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], h * d)  # noqa: E731  [h, n, d] -> [n, h*d]
+    out = torch.empty(rows, n, h * d, dtype=q.dtype)
+    for row in range(rows):
+        chunk, i = divmod(row, b)
+        if refs and i < refs:
+            partners = [j for j in range(refs) if j != i]
+        elif refs:
+            partners = list(range(refs))
+        else:
+            partners = [j for j in range(b) if j != i]
+        others = [chunk * b + j for j in partners]
+        kk = torch.cat([flat(k[row])] + [flat(k[r])[s:e] for r in others])
+        vv = torch.cat([flat(v[row])] + [flat(v[r])[s:e] for r in others])
+        own = torch.cat((torch.arange(s), torch.arange(e, n)))
+        if len(own):
+            out[row, own] = mha(flat(q[row])[own], flat(k[row]), flat(v[row]), h)
+        out[row, s:e] = mha(flat(q[row])[s:e], kk, vv, h)
+    return out
 
 
 def with_override(model, override):
@@ -278,3 +287,112 @@ def test_text_padding_mask_of_current_comfyui_matches_the_oracle(host, pack):
         vv = torch.cat([own_v] + [flat(v[r])[text:] for r in others])
         close(got[row, :text], mha(flat(q[row])[:text], own_k, own_v, h))
         close(got[row, text:], mha(flat(q[row])[text:], kk, vv, h))
+
+
+# SD3/SD3.5 (MMDiT, MMDiT-X) and HiDream: no block names, q/k/v as [rows, N, heads * D].
+COUNTED = ("sd3", "sd35", "hidream")
+LLAMA = 4  # HiDream's llama tokens per layer: its sequence is [image, T5 (TEXT), llama, llama]
+
+
+def small_counted(kind, layers=2):
+    return small_hidream(double=layers // 2, single=layers - layers // 2) if kind == "hidream" else \
+        small_sd3(kind, layers=layers)
+
+
+def sample_counted(model, b, kind, cfg=1.0, steps=2, seed=0, size=6):
+    """Sample a ``b``-image batch of a small SD3 or HiDream with the stock sampler (``size``: latent side)."""
+    import comfy.sample
+
+    gen = torch.Generator().manual_seed(123)
+
+    def extra(n):
+        conds = {"pooled_output": torch.randn(n, 32, generator=gen)}
+        if kind == "hidream":
+            conds["conditioning_llama3"] = torch.randn(n, 2, LLAMA, 32, generator=gen)
+        return conds
+    positive = [[torch.randn(b, TEXT, 32, generator=gen), extra(b)]]
+    negative = [[torch.randn(1, TEXT, 32, generator=gen), extra(1)]]
+    latent = torch.zeros(b, 16, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=seed,
+                               disable_pbar=True)
+
+
+def counted_oracle(kind, blocks=None, refs=0, layers=2, size=6):
+    """Independent CSA at rate 1 for a model that names no block, written from its layout: SD3's calls per block
+    are the joint call over [text, image] then (SD3.5's MMDiT-X, in the earlier half of the blocks) the attn2 call
+    over the image alone, which gets the UNet semantics (all its queries are image queries); HiDream's are its
+    double-, then single-stream blocks, each over [image, T5, llama, llama]. ``blocks``: the patched (block_type,
+    index), None: all."""
+    image = (size // 2) ** 2
+    if kind == "hidream":
+        span, order = (0, image), [("double", i) for i in range(layers // 2)] + \
+            [("single", i) for i in range(layers - layers // 2)]
+    else:
+        span, order = (TEXT, TEXT + image), []
+        for i in range(layers):
+            order += [("double", i)] + ([("x_block", i)] if kind == "sd35" and i < (layers + 1) // 2 else [])
+    joint = image + TEXT + (2 * LLAMA if kind == "hidream" else 0)
+    calls = itertools.count()
+
+    def override(func, q, k, v, heads, *args, **kwargs):
+        n = q.shape[1]
+        if n != joint and not (kind == "sd35" and n == image):
+            return func(q, k, v, heads, *args, **kwargs)
+        block = order[next(calls) % len(order)]
+        if blocks is not None and block not in blocks:
+            return func(q, k, v, heads, *args, **kwargs)
+        q, k, v = (t.reshape(t.shape[0], n, heads, -1).transpose(1, 2) for t in (q, k, v))
+        chunks = len(kwargs["transformer_options"]["cond_or_uncond"])
+        return per_image(q, k, v, chunks, (0, n) if n == image else span, refs)
+    return override
+
+
+@pytest.mark.parametrize("kind", COUNTED)
+def test_counted_families_rate_one_is_the_oracle(host, pack, kind):
+    """SD3, SD3.5 (MMDiT-X: its attn2 too) and HiDream: rate 1, every block, CFG 3 (two chunks in one call): equal
+    to the per-image oracle; and CSA is visible."""
+    model = small_counted(kind)
+    got = sample_counted(csa(pack, model), 3, kind, cfg=3.0)
+    close(got, sample_counted(with_override(model, counted_oracle(kind)), 3, kind, cfg=3.0))
+    assert (got - sample_counted(model, 3, kind, cfg=3.0)).abs().max() > 1e-3, "CSA changed nothing"
+
+
+@pytest.mark.parametrize("kind", COUNTED)
+def test_counted_families_reference_mode_with_cfg_one(host, pack, kind):
+    """R = 2 references of 4 images, cfg 1 (one chunk): the references share among themselves, the others see
+    the references' image tokens only."""
+    model = small_counted(kind)
+    got = sample_counted(csa(pack, model, refs=2), 4, kind)
+    close(got, sample_counted(with_override(model, counted_oracle(kind, refs=2)), 4, kind))
+
+
+@pytest.mark.parametrize("kind", COUNTED)
+def test_counted_families_one_image_and_rate_zero_are_the_unpatched_model(host, pack, kind):
+    model = small_counted(kind)
+    for b, rate in ((1, 1.0), (3, 0.0)):
+        assert torch.equal(sample_counted(csa(pack, model, rate=rate), b, kind, cfg=2.0),
+                           sample_counted(model, b, kind, cfg=2.0)), (b, rate)
+
+
+@pytest.mark.parametrize("kind, choices", [
+    ("sd35", ((("single",), {("double", 2)}),
+              (("double",), {("double", 0), ("double", 1), ("x_block", 0), ("x_block", 1)}))),
+    ("hidream", ((("single",), {("single", 0), ("single", 1)}), (("double",), {("double", 0)}))),
+])
+def test_counted_families_block_choice(host, pack, kind, choices):
+    """SD3 has one kind of joint block: dit_blocks = single-stream patches the later half (of 3: the last one),
+    double-stream the earlier half with their MMDiT-X attn2; HiDream's double- and single-stream blocks are its
+    own. The node's default is single-stream."""
+    import comfy.patcher_extension as ext
+
+    model = small_counted(kind, layers=3)
+    for choice, blocks in choices:
+        got = sample_counted(csa(pack, model, dit_blocks=choice), 2, kind, cfg=2.0)
+        close(got, sample_counted(with_override(model, counted_oracle(kind, blocks, layers=3)), 2, kind, cfg=2.0))
+    node = pack("nodes.csa_nodes").ConsistentSelfAttention
+    patched = node.execute(model, sampling_rate_1_32=0.5, sampling_rate_1_16=0.5, sampling_rate_1_8=0.5,
+                           reference_count=0, seed=0, blocks="decoder", start_percent=0.0, end_percent=1.0,
+                           schedule="always", tile_size=0).result[0]
+    (spec,) = patched.get_wrappers(ext.WrappersMP.APPLY_MODEL, "storydiffusion_native")
+    assert set(spec.layers) == {f"{t}.{i}" for t, i in choices[0][1]}

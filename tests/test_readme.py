@@ -98,11 +98,12 @@ def _small_sd2(scale=0.05):
 
 def test_accepted_model_families_are_the_readme_ones(host, pack):
     """README: CSA works on SD1.x, SD2.x and SDXL (oracle-exact, through the sampler) and on the DiTs Flux.1,
-    Flux.2, Chroma, Qwen-Image, Lumina2 and Z-Image (tests/test_dit_csa.py); other DiTs (SD3 here) and video UNets
-    (SVD) are refused with a clear error naming the node (and, for DiTs, the supported families)."""
+    Flux.2, Chroma, Qwen-Image, Lumina2, Z-Image, SD3, SD3.5 and HiDream (tests/test_dit_csa.py); other DiTs (the
+    video DiT WAN 2.1 here) and video UNets (SVD) are refused with a clear error naming the node (and, for DiTs,
+    the supported families)."""
     import pytest
     import torch
-    from models import small_flux, small_nextdit, small_qwen_image, small_svd, small_unet
+    from models import small_flux, small_hidream, small_nextdit, small_qwen_image, small_sd3, small_svd, small_unet
     from sampling_helpers import close, csa_model, sample, with_oracle
 
     readme = (REPO / "README.md").read_text()
@@ -117,26 +118,25 @@ def test_accepted_model_families_are_the_readme_ones(host, pack):
         assert (csa - sample(model, 2, kind=sample_kind)).abs().max() > 1e-3, f"{kind}: CSA changed nothing"
     for kind in ("flux1", "schnell", "flux2", "chroma"):
         csa_model(pack, small_flux(kind))
-    for model in (small_qwen_image(), small_nextdit("lumina2"), small_nextdit("zimage")):
+    for model in (small_qwen_image(), small_nextdit("lumina2"), small_nextdit("zimage"), small_sd3("sd3"),
+                  small_sd3("sd35"), small_hidream()):
         csa_model(pack, model)
-    for name, model in (("SD3", _small_sd3()), ("SVD", small_svd())):
+    for name, model in (("WAN", _small_wan()), ("SVD", small_svd())):
         with pytest.raises(errors.UnsupportedModelError, match="SDN_ConsistentSelfAttention"):
             csa_model(pack, model)
-    supported = "Flux.1 .dev, schnell., Flux.2, Chroma, Qwen-Image, Lumina2, Z-Image"
+    supported = "Flux.1 .dev, schnell., Flux.2, Chroma, Qwen-Image, Lumina2, Z-Image, SD3, SD3.5, HiDream"
     with pytest.raises(errors.UnsupportedModelError, match=supported):
-        csa_model(pack, _small_sd3())
+        csa_model(pack, _small_wan())
 
 
-def _small_sd3():
-    """SD3's MMDiT layout (one joint block, 64 wide), tiny widths."""
+def _small_wan():
+    """WAN 2.1 text-to-video's DiT layout (one block, 2 heads), tiny widths: a video DiT CSA refuses."""
     import comfy.model_patcher
     import comfy.supported_models as sm
     import torch
 
-    config = {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "depth": 1, "out_channels": 16,
-              "adm_in_channels": 32, "pos_embed_max_size": 8, "num_patches": 64,
-              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32,
-                                                                                 "out_features": 64}},
-              "dtype": torch.float32}
-    return comfy.model_patcher.ModelPatcher(sm.SD3(config).get_model({}, device=torch.device("cpu")),
+    config = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 8, "in_dim": 16,
+              "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": 2,
+              "num_layers": 1, "dtype": torch.float32}
+    return comfy.model_patcher.ModelPatcher(sm.WAN21_T2V(config).get_model({}, device=torch.device("cpu")),
                                             torch.device("cpu"), torch.device("cpu"))
