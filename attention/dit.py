@@ -20,7 +20,8 @@ Z-Image (NextDiT: main blocks over [txt, img], Z-Image padding both to multiples
 with their own row; its context and noise refiners attend over the text or the image alone and are left alone;
 0.3.75 names no block there, so the main blocks are the calls over exactly the padded sequence, counted per
 model call). SD3/SD3.5 (MMDiT: joint blocks over [context, x], no RoPE; SD3.5 Medium's MMDiT-X blocks also run
-an image-only self-attention, its x_block's attn2, which gets the UNet semantics: image i attends to its own tokens plus the tokens sampled from the other images) and
+an image-only self-attention, its x_block's attn2, which gets the UNet semantics: image i attends to its own
+tokens plus the tokens sampled from the other images) and
 HiDream (IMAGE first, then T5 and two llama streams, after RoPE; double- then single-stream blocks, every one over
 the same sequence) name no block either: their calls are counted per model call in the order the model makes them
 (:attr:`Family.calls`). The text part is the conditioning's token count as the model pads it (plus what the model

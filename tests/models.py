@@ -182,7 +182,8 @@ def small_sd3(kind: str = "sd3", seed: int = 0, scale: float = 0.2, layers: int 
 
     config = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "num_blocks": layers,
               "input_size": None, "adm_in_channels": 32, "pos_embed_max_size": 16, "num_patches": 256,
-              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+              "context_embedder_config": {"target": "torch.nn.Linear",
+                                          "params": {"in_features": 32, "out_features": 128}},
               "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [], "dtype": torch.float32}
     if kind == "sd35":
         config.update(qk_norm="rms", x_block_self_attn_layers=list(range((layers + 1) // 2)))
