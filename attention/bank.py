@@ -53,6 +53,25 @@ class BankFileError(StoryDiffusionError, ValueError):
     """A character bank file is missing, corrupt or of another format/version."""
 
 
+class BankSizeError(StoryDiffusionError, ValueError):
+    """A recording would store more than the user's limit (SDN_RecordCharacterBank's max_size_gb)."""
+
+
+# A bank's kind by its layer names: a UNet's self-attention layers (layer_name()) keep hidden states (R*M, C); a
+# DiT's joint-attention blocks ("double.3", "single.10") keep keys then values after RoPE (2*R*M, heads*dim).
+KINDS = {"unet": re.compile(r"(input|middle|output)\.\d+\.\d+"), "dit": re.compile(r"(double|single)\.\d+")}
+
+
+def bank_kind(layer: str) -> str | None:
+    """"unet" or "dit" for a bank layer name, None for neither."""
+    return next((kind for kind, pattern in KINDS.items() if pattern.fullmatch(layer)), None)
+
+
+def entry_bytes(rows: int, channels: int, dtype: torch.dtype) -> int:
+    """Bytes of one bank entry of ``rows`` tokens x ``channels`` in ``dtype`` (fp8: + one float32 scale a row)."""
+    return rows * channels * dtype.itemsize + (4 * rows if dtype == torch.float8_e4m3fn else 0)
+
+
 def layer_name(block, block_index) -> str:
     """``("output", 3), 0`` -> ``"output.3.0"``: the bank's layer key (ComfyUI's attn1 patch key)."""
     return f"{block[0]}.{int(block[1])}.{int(block_index)}"
@@ -75,7 +94,8 @@ def model_fingerprint(model_patcher) -> str:
     h.update(json.dumps({k: str(v) for k, v in sorted(cfg.items())}).encode())
     sd = model.state_dict()
     backup = getattr(model_patcher, "backup", {}) or {}
-    probes = [k for k in sorted(sd) if k.startswith("diffusion_model.") and k.endswith("attn1.to_k.weight")][:4]
+    probes = [k for k in sorted(sd) if k.startswith("diffusion_model.") and k.endswith("attn1.to_k.weight")][:4] or [
+        k for k in sorted(sd) if k.startswith("diffusion_model.") and "attn" in k and k.endswith(".weight")][:4]  # DiTs
     for k in probes:
         w = (backup[k].weight if k in backup else sd[k]).detach().float().flatten()
         h.update(k.encode())
@@ -221,9 +241,24 @@ class BankRecorder:
     schedule: tuple = ()
     latent_hw: tuple = ()
     reference_count: int = 0
+    max_bytes: int = 0  # refuse runs whose estimate exceeds it (0: no limit)
+    estimate: int = 0  # the last run's estimated size in bytes
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies options: keep one recorder
         return self
+
+    def check_size(self, estimate: int, formula: str) -> None:
+        """Before a run stores anything: keep ``estimate`` (bytes) and raise BankSizeError (naming
+        SDN_RecordCharacterBank's max_size_gb, the estimate and its ``formula``) when it exceeds ``max_bytes``."""
+        self.estimate = estimate
+        if self.max_bytes and estimate > self.max_bytes:
+            raise BankSizeError(
+                f"SDN_RecordCharacterBank: input 'max_size_gb': this recording would store an estimated "
+                f"{estimate / 1e9:.2f} GB ({estimate} bytes = {formula}), above the limit of "
+                f"{self.max_bytes / 1e9:.2f} GB. Nothing was recorded. Use bank-free reference mode instead (put the reference panels in front of every "
+                f"batch with SDN_StoryBatches and set SDN_ConsistentSelfAttention's reference_count to their "
+                f"number: the same panels, no bank), or shrink the bank (fewer steps, a start/end percent range, "
+                f"lower rates, fewer blocks, fp8), or raise max_size_gb (0 = no limit)")
 
     def start(self, schedule: tuple, latent_hw: tuple, refs: int, device) -> RecordingRun:
         return RecordingRun(self, schedule, latent_hw, refs, device)
@@ -265,6 +300,11 @@ class CharacterBank:
     def layers(self) -> set:
         return {key[1] for key in self.entries}
 
+    @property
+    def kind(self) -> str:
+        """"dit" (keys and values of DiT blocks) or "unet" (hidden states of UNet layers)."""
+        return "dit" if any(bank_kind(layer) == "dit" for layer in self.layers) else "unet"
+
     @cached_property
     def steps(self) -> dict:
         """``{step: {(layer, half): Tokens}}``."""
@@ -277,8 +317,9 @@ class CharacterBank:
         first = next(iter(self.entries.values()), None)
         dtype = _DTYPE_NAMES.get(first.hidden.dtype, first.hidden.dtype) if first else None
         device = first.hidden.device if first else None
+        what = "DiT blocks (keys and values)" if self.kind == "dit" else "layers"
         return (f"character bank '{self.name}': {self.reference_count} reference image(s), {len(self.steps)} steps, "
-                f"{len(self.layers)} layers, {self.size_bytes / 2**20:.1f} MiB ({dtype}, on {device}); "
+                f"{len(self.layers)} {what}, {self.size_bytes / 2**20:.1f} MiB ({dtype}, on {device}); "
                 f"latent {self.latent_hw[0]}x{self.latent_hw[1]}, {max(len(self.schedule) - 1, 0)}-step schedule")
 
     def check_schedule(self, schedule: tuple, latent_hw: tuple):
@@ -310,7 +351,7 @@ class CharacterBank:
             index.append(list(key))
         meta = {"format": FORMAT, "version": str(VERSION), "name": self.name, "description": self.description,
                 "schedule": json.dumps(list(self.schedule)), "latent_hw": json.dumps(list(self.latent_hw)),
-                "fingerprint": self.fingerprint, "reference_count": str(self.reference_count),
+                "fingerprint": self.fingerprint, "reference_count": str(self.reference_count), "kind": self.kind,
                 "settings": json.dumps(self.settings), "index": json.dumps(index)}
         return write_new(path, lambda tmp: comfy.utils.save_torch_file(tensors, tmp, metadata=meta), overwrite)
 
@@ -343,7 +384,7 @@ class CharacterBank:
                                         f"supported (this pack reads version {VERSION})")
                 try:
                     fields = _metadata_fields(meta)
-                    fp8 = _check_tensors(f, fields["index"], fields["reference_count"])
+                    fp8 = _check_tensors(f, fields["index"], fields["reference_count"], fields.pop("kind"))
                 except ValueError as e:
                     raise BankFileError(f"{path.name}: invalid character bank: {e}") from e
                 entries = {key: Tokens(f.get_tensor(f"{i}.h"), f.get_tensor(f"{i}.s") if fp8 else None)
@@ -353,7 +394,6 @@ class CharacterBank:
         return CharacterBank(entries=entries, **fields)
 
 
-_LAYER_NAME = re.compile(r"(input|middle|output)\.\d+\.\d+")  # layer_name()'s form
 _STORED_DTYPES = {"F8_E4M3", "F16", "BF16", "F32"}  # safetensors' names of DTYPES
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -391,12 +431,17 @@ def _metadata_fields(meta: dict) -> dict:
     if not meta["name"].strip():
         raise ValueError("metadata 'name' is empty")
 
+    kind = meta.get("kind", "unet")  # banks written before DiT banks are UNet banks
+    if kind not in KINDS:
+        raise ValueError(f"metadata 'kind' must be one of {sorted(KINDS)}, got {_clip(kind)}")
+    layer = {"unet": "'input|middle|output.<block>.<depth>'", "dit": "'double|single.<block>'"}[kind]
+
     def entry(e):
         return (isinstance(e, list) and len(e) == 3 and count(e[0], 0) and isinstance(e[1], str)
-                and _LAYER_NAME.fullmatch(e[1]) is not None and count(e[2], 0) and e[2] <= 1)
+                and KINDS[kind].fullmatch(e[1]) is not None and count(e[2], 0) and e[2] <= 1)
 
     index = parsed("index", lambda s: isinstance(s, list) and len(s) > 0 and all(map(entry, s)),
-                   "a non-empty JSON list of [step, 'input|middle|output.<block>.<depth>', half 0|1] entries")
+                   f"a non-empty JSON list of [step, {layer}, half 0|1] entries (a {kind} bank)")
     keys = [tuple(e) for e in index]
     if len(set(keys)) != len(keys):
         twice = next(k for k in keys if keys.count(k) > 1)
@@ -406,13 +451,15 @@ def _metadata_fields(meta: dict) -> dict:
         raise ValueError(f"metadata 'index' has step {last}, the schedule has {steps} steps")
     return {"name": meta["name"], "description": meta.get("description", ""), "schedule": tuple(schedule),
             "latent_hw": tuple(latent_hw), "fingerprint": meta["fingerprint"], "reference_count": int(refs),
-            "settings": settings, "index": keys}
+            "settings": settings, "index": keys, "kind": kind}
 
 
-def _check_tensors(f, index: list, refs: int) -> bool:
-    """Check, from the file's header alone, that its tensors are exactly the index's hidden states (plus their
-    scales for fp8) and consistent: 2-D ``(R * M, C)`` with R = ``refs``, one shape per layer, one dtype
-    throughout, scales ``(R * M, 1)`` float32. Returns whether the bank is fp8."""
+def _check_tensors(f, index: list, refs: int, kind: str) -> bool:
+    """Check, from the file's header alone, that its tensors are exactly the index's entries (plus their
+    scales for fp8) and consistent: 2-D ``(R * M, C)`` with R = ``refs`` (a DiT bank: ``(2 * R * M, C)``, keys
+    then values), one shape per layer, one dtype throughout, scales ``(rows, 1)`` float32. Returns whether the
+    bank is fp8."""
+    per_token = 2 if kind == "dit" else 1
     names = set(f.keys())
     hidden = [f"{i}.h" for i in range(len(index))]
     if not names >= set(hidden):
@@ -430,8 +477,9 @@ def _check_tensors(f, index: list, refs: int) -> bool:
         shape, where = f.get_slice(f"{i}.h").get_shape(), f"entry {i} (step {step}, layer {layer}, half {half})"
         if len(shape) != 2:
             raise ValueError(f"{where}: hidden states of shape {shape}, expected 2-D (tokens, channels)")
-        if shape[0] == 0 or shape[0] % refs:
-            raise ValueError(f"{where}: {shape[0]} tokens are not a multiple of the {refs} reference images")
+        if shape[0] == 0 or shape[0] % (per_token * refs):
+            raise ValueError(f"{where}: {shape[0]} rows are not a multiple of the {refs} reference images"
+                             + (" x 2 (keys and values)" if per_token == 2 else ""))
         if shapes.setdefault(layer, shape) != shape:
             raise ValueError(f"{where}: shape {shape} differs from the layer's other entries {shapes[layer]}")
         if fp8:

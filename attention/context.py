@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import BankMismatchError, schedule_key
+from .bank import BankMismatchError, entry_bytes, schedule_key
 from .csa import SamplingPlan, make_plan, reference_tokens, tokens_per_source
 from .frames import window_frames
 
@@ -165,7 +165,7 @@ class Run:
     step only; everything goes when the run is closed.
     """
 
-    def __init__(self, spec, schedule: list, batch: int, latent_hw: tuple, device):
+    def __init__(self, spec, schedule: list, batch: int, latent_hw: tuple, device, halves: int = 2):
         self.spec, self.schedule, self.batch, self.latent_hw = spec, list(schedule), batch, tuple(latent_hw)
         self.device = torch.device(device)
         self.key = schedule_key(self.schedule)
@@ -173,6 +173,7 @@ class Run:
         self.recording = None
         if spec.recorder is not None:
             self._need_schedule("recording a character bank")
+            spec.recorder.check_size(*self.recording_size(halves))  # BankSizeError before anything is stored
             self.recording = spec.recorder.start(self.key, self.latent_hw, batch, self.device)
         if spec.reader is not None:
             self._need_schedule("reading character banks")
@@ -180,6 +181,35 @@ class Run:
                 bank.check_schedule(self.key, self.latent_hw)
             for image in range(batch):
                 spec.reader.banks_for(image)
+
+    def recording_size(self, halves: int) -> tuple[int, str]:
+        """``(bytes, formula)``: what recording this run stores, computed from the schedule before sampling: for
+        every step whose sigma is in the active range, every layer sharing at that step (:meth:`_sharing`: rate >
+        0, the schedule's gates), each of the ``halves`` CFG halves sampled (1 at cfg 1): R references x M =
+        round(rate x N) tokens x ``layer.kv`` (1: UNet hidden states, 2: DiT keys and values) rows of C channels
+        in the storage dtype (fp8: + 4 B a row). Equal to the recorded bytes when every step calls the model."""
+        dtype, total, terms = self.spec.recorder.storage_dtype, 0, {}
+        for step, sigma in enumerate(self.schedule[:-1]):
+            for name in self._sharing(step, sigma):
+                layer = self.spec.layers[name]
+                tokens = self.spec.tokens(self.latent_hw, layer.factor)
+                m = tokens_per_source(tokens, self.spec.settings.rate_for(layer.factor))
+                key = (tokens, m, layer.kv, layer.channels)
+                terms[key] = terms.get(key, 0) + halves
+                total += halves * entry_bytes(layer.kv * self.batch * m, layer.channels, dtype)
+        scales = " + 4 B of fp8 scale a row" if dtype == torch.float8_e4m3fn else ""
+        formula = " + ".join(
+            f"{count} (step, layer, CFG half) x {self.batch} reference(s) x {m} of {tokens} tokens"
+            f"{' x 2 (keys, values)' if kv == 2 else ''} x {c} channels" for (tokens, m, kv, c), count in terms.items())
+        return total, f"{formula or 'nothing'} x {dtype.itemsize} B{scales}"
+
+    def _sharing(self, step: int | None, sigma: float) -> frozenset:
+        """The layers where CSA runs at ``step`` (sigma ``sigma``): active range, rate > 0, the schedule's gates."""
+        s, spec = self.spec.settings, self.spec
+        if s is None or not s.sigma_end <= sigma <= s.sigma_start:
+            return frozenset()
+        return frozenset(name for name, layer in spec.layers.items() if layer.shares and s.rate_for(layer.factor) > 0
+                         and (s.schedule != "storydiffusion" or step is None or gate_open(s.seed, step, layer.key)))
 
     def _need_schedule(self, what: str):
         if len(self.schedule) < 2:
@@ -221,11 +251,8 @@ class Run:
         frames = window_frames(options, images, NODE)
         frames = None if frames is None else tuple(frames)
         latent_hw = tuple(x.shape[-2:])
-        sharing = frozenset()
-        if s is not None and s.sigma_end <= sigma <= s.sigma_start:
-            sharing = self._cached(step_key, "sharing", lambda: frozenset(
-                name for name, layer in spec.layers.items() if layer.shares and s.rate_for(layer.factor) > 0
-                and (s.schedule != "storydiffusion" or step is None or gate_open(s.seed, step, layer.key))))
+        sharing = self._cached(step_key, ("sharing", s is not None and s.sigma_end <= sigma <= s.sigma_start),
+                               lambda: self._sharing(step, sigma))
         levels = self._levels(step_key, images, frames, latent_hw, sharing) if images > 1 else {}
         record = self._record(step, step_key, images, chunks, frames, latent_hw, sharing) \
             if self.recording is not None and sharing else None
@@ -264,7 +291,7 @@ class Run:
         for name in sorted(sharing):
             layer = spec.layers[name]
             tokens, rate = spec.tokens(latent_hw, layer.factor), s.rate_for(layer.factor)
-            layers.append((name, images * tokens_per_source(tokens, rate), layer.channels))
+            layers.append((name, layer.kv * images * tokens_per_source(tokens, rate), layer.channels))
             picks[tokens] = self._cached(step_key, ("picks", tokens, images, rate), lambda: reference_draw(
                 s.seed, step_key, tokens, images, rate).to(self.device, non_blocking=True))
         targets, seen = {}, set()

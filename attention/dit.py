@@ -36,6 +36,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .context import CONTEXT, NODE, Call
 from .csa import joint_consistent_attention
@@ -152,16 +154,23 @@ def dit_family(model_patcher, node: str = NODE) -> Family | None:
 class JointLayer:
     """One patched DiT block's joint attention: ``key`` (block type, index, 0) keys the schedule's gates;
     ``factor``: 16; ``name``: "double.3"; ``image_only``: an attention over the image tokens alone (block type
-    "x_block", SD3.5's attn2). Immutable."""
+    "x_block", SD3.5's attn2); ``shares``: a CSA block; ``channels``: heads x head dim of its keys (sizes a
+    recording's entries); ``reader``, ``family``: the BankReader it reads and the model's Family (None: it reads
+    no bank). Immutable."""
 
-    shares = True
     factor = FACTOR
-    reader = None
+    kv = 2  # bank rows per recorded token: its key and its value
 
-    def __init__(self, block_type: str, index: int):
+    def __init__(self, block_type: str, index: int, channels: int = 0, shares: bool = True, reader=None,
+                 family: Family | None = None):
         self.key = (block_type, index, 0)
         self.name = f"{block_type}.{index}"
         self.image_only = block_type == "x_block"
+        self.channels, self.shares, self.reader, self.family = channels, shares, reader, family
+
+    def derived(self, **changes) -> "JointLayer":
+        fields = dict(channels=self.channels, shares=self.shares, reader=self.reader, family=self.family)
+        return JointLayer(*self.key[:2], **{**fields, **changes})
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,23 +215,135 @@ class JointAttention:
         if ctx is None:
             raise StoryDiffusionError(f"{NODE}: DiT block {layer.name} was called outside the patched model's model "
                                       f"call (its context is missing): run the model through a ComfyUI sampler")
-        level = ctx.level(layer)
-        if level is None or q.shape[0] != ctx.rows:
+        if q.shape[0] != ctx.rows:
             return attend(q, k, v, mask)
         if q.ndim == 3:  # SD3 hands v on as [rows, N, heads, D]
             q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
             kwargs["skip_reshape"] = True
-        span = (0, level.tokens) if layer.image_only else (ctx.text, ctx.text + level.tokens)
-        need = level.tokens if layer.image_only else ctx.joint or span[1]
-        if q.shape[2] < need or ctx.joint is not None and q.shape[2] != need:
-            raise UnsupportedModelError(f"{NODE}: DiT block {layer.name} has {q.shape[2]} tokens where the call's "
-                                        f"{ctx.text} text and {level.tokens} image tokens need {need}: an unknown "
-                                        f"layout (e.g. reference images the model appends)")
+        token_dim = 2 if kwargs.get("skip_output_reshape") else 1
+        if layer.reader is not None and ctx.read is not None:
+            return read(q, k, v, ctx, layer, attend, mask, token_dim)
+        level = ctx.level(layer)
+        if level is None:
+            return attend(q, k, v, mask)
+        span = _span(q, ctx, layer, level.tokens)
         if level.order is not None:
             raise UnsupportedModelError(f"{NODE}: context windows with reference_count > 0 are not supported on DiT "
                                         f"models")
-        token_dim = 2 if kwargs.get("skip_output_reshape") else 1
+        if ctx.record is not None:
+            record(k, v, ctx, layer.name, span)
         return joint_consistent_attention(q, k, v, level.plan, span, attend, mask, token_dim)
+
+
+def _span(q, ctx: Call, layer, tokens: int) -> tuple:
+    """``(start, stop)`` of the image tokens in block ``layer``'s joint sequence; UnsupportedModelError for a layout
+    the call's text and ``tokens`` image tokens do not explain."""
+    if layer.image_only:  # SD3.5's attn2: the image tokens alone
+        span, need = (0, tokens), tokens
+    else:
+        span = (ctx.text, ctx.text + tokens)
+        need = ctx.joint or span[1]
+    if q.shape[2] < need or ctx.joint is not None and q.shape[2] != need:
+        raise UnsupportedModelError(f"{NODE}: DiT block {layer.name} has {q.shape[2]} tokens where the call's "
+                                    f"{ctx.text} text and {tokens} image tokens need {need}: an unknown "
+                                    f"layout (e.g. reference images the model appends)")
+    return span
+
+
+def record(k, v, ctx: Call, name: str, span: tuple) -> None:
+    """Write phase on a DiT: keep block ``name``'s keys and values ``[rows, heads, N, D]`` (after RoPE) of the
+    references' sampled image tokens (context.reference_draw, the tokens reference mode shows later images), per
+    CFG half, as one bank entry ``(2 * R * M, heads * D)``: keys, then values."""
+    targets = ctx.record.targets.get(name)
+    if not targets:
+        return
+    tokens = span[1] - span[0]
+    picks = ctx.record.picks[tokens]
+    source, token = picks // tokens, span[0] + picks % tokens
+
+    def chosen(x):  # [chunks, R * M, heads * D]; indexing puts the picks first
+        x = x.reshape(len(ctx.chunks), -1, *x.shape[1:])[:, source, :, token]
+        return x.transpose(0, 1).reshape(x.shape[1], x.shape[0], -1)
+    keys, values = chosen(k), chosen(v)
+    for chunk, key, dest in targets:
+        ctx.record.run.write(key, dest, torch.cat((keys[chunk], values[chunk])))
+
+
+def read(q, k, v, ctx: Call, layer: JointLayer, attend, mask, token_dim: int):
+    """Read phase on a DiT: the IMAGE queries of each panel attend to its own joint sequence, its characters'
+    recorded keys and values of this step, block and CFG half (broadcast over the panels reading them, one attention
+    call per group of panels reading as many), and, when the batch shares, the image tokens CSA samples from the
+    other panels; TEXT (and appended) queries attend to their own sequence only. q, k, v: ``[rows, heads, N, D]``
+    after RoPE; ``attend(q, k, v, mask)`` returns the query tokens on ``token_dim``; ``mask`` as
+    csa.joint_consistent_attention reads it (the extra keys are visible). Equal to reference mode with the
+    recorded references in front of the batch (README: bank-free reference mode)."""
+    reading = ctx.read
+    rows, h, n, d = q.shape
+    tokens = layer.family.image_tokens(ctx.latent_hw)
+    s, e = _span(q, ctx, layer, tokens)
+    if mask is not None:  # ComfyUI's mask layouts as 4-D [rows or 1, heads or 1, Nq or 1, N]
+        mask = mask.unsqueeze(1) if mask.ndim == 3 else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    level = ctx.level(layer) if reading.share else None
+    shared = None
+    if level is not None and level.plan.per_source:  # [rows, heads, S, D] of each row's CSA tokens
+        idx = level.plan.all_idx
+        source, token = idx // tokens, s + idx % tokens
+        shared = tuple(x.reshape(-1, ctx.images, h, n, d)[:, source, :, token].permute(2, 0, 3, 1, 4)
+                       .reshape(rows, h, -1, d) for x in (k, v))
+    text = [(0, s)] + ([(e, n)] if e < n else [])
+    picked = torch.cat([q[:, :, a:z] for a, z in text], 2)
+    plain = attend(picked, k, v, mask if mask is None or mask.shape[2] == 1 else
+                   torch.cat([mask[:, :, a:z] for a, z in text], 2))
+    shape = list(plain.shape)
+    shape[token_dim] = n
+    out, done = plain.new_empty(shape), 0
+    for a, z in text:
+        out.narrow(token_dim, a, z - a).copy_(plain.narrow(token_dim, done, z - a))
+        done += z - a
+    image_out = out.narrow(token_dim, s, e - s)
+    for group in reading.groups[layer.name]:
+        extra = group.extra // 2
+        banks = [(span, _bank(reading, keys, layer.name, h, q.dtype)) for span, keys in group.parts if keys]
+        kk, vv = (_keys(x, group, [(span, kv[i]) for span, kv in banks], extra, None if shared is None else shared[i])
+                  for i, x in enumerate((k, v)))
+        part_mask = None
+        if mask is not None:
+            part_mask = mask if mask.shape[0] == 1 else mask[group.rows]
+            part_mask = part_mask if part_mask.shape[2] == 1 else part_mask[:, :, s:e]
+            visible = torch.ones if mask.dtype == torch.bool else torch.zeros
+            part_mask = torch.cat((part_mask, visible(*part_mask.shape[:3], kk.shape[2] - n, dtype=mask.dtype,
+                                                      device=mask.device)), -1)
+        image_out[group.rows] = attend(q[group.rows][:, :, s:e], kk, vv, part_mask)
+    return out
+
+
+def _bank(reading, keys: tuple, name: str, heads: int, dtype) -> tuple:
+    """Keys and values ``(1, heads, E, D)`` of the bank entries ``keys`` = ((bank, half), ...) of block ``name``."""
+    entries = [reading.tokens[(j, name, half)].dequantize(dtype) for j, half in keys]
+    k = torch.cat([t[: len(t) // 2] for t in entries])
+    v = torch.cat([t[len(t) // 2:] for t in entries])
+    return tuple(x.reshape(1, len(x), heads, -1).transpose(1, 2) for x in (k, v))
+
+
+def _keys(own, group, banks: list, extra: int, shared) -> torch.Tensor:
+    """``[group rows, heads, N + extra (+ S), D]``: the rows' own keys, each span's bank keys broadcast over its
+    rows, then the rows' CSA keys."""
+    n = own.shape[2]
+    out = own.new_empty(group.count, own.shape[1], n + extra + (0 if shared is None else shared.shape[2]),
+                        own.shape[3])
+    out[:, :, :n] = own[group.rows]
+    for span, tokens in banks:
+        out[span, :, n:n + extra] = tokens
+    if shared is not None:
+        out[:, :, n + extra:] = shared[group.rows]
+    return out
+
+
+def joint_width(model_patcher) -> int:
+    """Channels of a supported DiT's keys and values (heads x head dim, after a grouped-query model repeats its
+    key/value heads): the model's width (Flux-family ``hidden_size``, Qwen-Image ``inner_dim``, NextDiT ``dim``)."""
+    net = model_patcher.get_model_object("diffusion_model")
+    return next(int(getattr(net, a)) for a in ("hidden_size", "inner_dim", "dim") if hasattr(net, a))
 
 
 def dit_layers(family: Family, stages: tuple) -> dict:
@@ -232,4 +353,4 @@ def dit_layers(family: Family, stages: tuple) -> dict:
 
 
 __all__ = ["DIT_BLOCK_CHOICES", "FACTOR", "Family", "JointAttention", "JointLayer", "SUPPORTED", "dit_family",
-           "dit_layers"]
+           "dit_layers", "joint_width"]

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .bank import BankMismatchError, BankRecorder
 from .context import CONTEXT, NODE, RUN, Run, level_tokens
-from .dit import DIT_BLOCK_CHOICES, Family, JointAttention, dit_family, dit_layers
+from .dit import DIT_BLOCK_CHOICES, Family, JointAttention, dit_family, dit_layers, joint_width
 from .roles import RecordPatch, SelfAttention
 
 WRAPPER = "storydiffusion_native"  # key of the pack's model wrappers
@@ -206,8 +206,11 @@ class StoryAttention:
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         """OUTER_SAMPLE wrapper: one Run for the whole sampling, visible to every model call, released after."""
         guider = executor.class_obj
-        run = Run(self, sigmas.tolist(), noise.shape[0], noise.shape[-2:], guider.model_patcher.load_device)
         options = guider.model_options  # the guider's copy for this sampling
+        cfg = getattr(guider, "cfg", None)  # ComfyUI skips the negative half at cfg 1 (its cfg1 optimisation)
+        halves = 2 if (getattr(guider, "conds", None) or {}).get("negative") and not (
+            cfg is not None and math.isclose(cfg, 1.0) and not options.get("disable_cfg1_optimization", False)) else 1
+        run = Run(self, sigmas.tolist(), noise.shape[0], noise.shape[-2:], guider.model_patcher.load_device, halves)
         options["transformer_options"] = {**options.get("transformer_options", {}), RUN: run}
         try:
             out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -281,26 +284,29 @@ def _apply_dit_csa(model_patcher, family: Family, settings: CSASettings):
     return m
 
 
-def refuse_dit_banks(model_patcher, node: str) -> None:
-    """Raise UnsupportedModelError naming ``node`` when ``model_patcher`` is a DiT: character banks are UNet-only
-    (a Flux bank at 1024 px would hold tens of GB); bank-free reference mode gives the same result."""
-    family = dit_family(model_patcher, node)
-    if family is not None:
-        raise UnsupportedModelError(
-            f"{node}: input 'model': character banks are not available on DiT models (got {family.name}: a bank "
-            f"holds every patched block's tokens for every step, tens of GB at 1024 px). Use bank-free reference "
-            f"mode instead: put the reference panels in front of every batch (SDN_StoryBatches) and set "
-            f"SDN_ConsistentSelfAttention's reference_count to their number; it gives what reading a bank would.")
+def _check_kind(reader: BankReader, family: Family | None, node: str) -> None:
+    """BankMismatchError naming ``node`` for a bank recorded on the other kind of model (DiT vs UNet)."""
+    kind = "unet" if family is None else "dit"
+    for bank in reader.banks:
+        if bank.kind != kind:
+            recorded = "a DiT (Flux-family, Qwen-Image, NextDiT)" if bank.kind == "dit" else "a UNet (SD1.x/SD2.x/SDXL)"
+            model = "a UNet" if family is None else f"a DiT ({family.name})"
+            raise BankMismatchError(f"{node}: character bank '{bank.name}' was recorded on {recorded}; this model is "
+                                    f"{model}. Record the character with the model that reads it")
 
 
 def apply_recording(model_patcher, recorder: BankRecorder):
     """Clone a CSA-patched model so it also records into ``recorder`` (write phase) while it is sampled."""
-    refuse_dit_banks(model_patcher, "SDN_RecordCharacterBank")
     spec = _story_attention(model_patcher)
     if spec is None or spec.settings is None:
         raise StoryDiffusionError("SDN_RecordCharacterBank: input 'model': expected a model patched by "
                                   "SDN_ConsistentSelfAttention")
     m = model_patcher.clone()
+    if spec.family is not None:  # a DiT records keys and values in its attention override: size its entries
+        width = joint_width(m)
+        layers = {name: layer.derived(channels=width) for name, layer in spec.layers.items()}
+        _install(m, replace(spec, layers=layers, recorder=recorder, reader=None))
+        return m
     patches = m.model_options.get("transformer_options", {}).get("patches", {}).get("attn1_patch", [])
     if not any(isinstance(p, RecordPatch) for p in patches):
         m.set_model_attn1_patch(RecordPatch())
@@ -309,13 +315,17 @@ def apply_recording(model_patcher, recorder: BankRecorder):
 
 
 def apply_reading(model_patcher, reader: BankReader, node: str = "SDN_ReadCharacterBanks"):
-    """Clone a model so the layers recorded in the banks read them (read phase).
+    """Clone a model so the layers (UNet) or blocks (DiT) recorded in the banks read them (read phase).
 
     CSA layers already on the model keep their settings (the read batch shares with them when
     ``reader.share``); other recorded layers only read. Raises UnsupportedModelError (see
-    :func:`attention_blocks`) and BankMismatchError when a bank holds a layer the model does not have.
+    :func:`attention_blocks`) and BankMismatchError when a bank holds a layer the model does not have or was
+    recorded on the other kind of model (a DiT bank on a UNet or the reverse).
     """
-    refuse_dit_banks(model_patcher, node)
+    family = dit_family(model_patcher, node)
+    _check_kind(reader, family, node)
+    if family is not None:
+        return _apply_dit_reading(model_patcher, family, reader, node)
     blocks = _self_attention(model_patcher, node)
     spec = _story_attention(model_patcher)
     m = model_patcher.clone()
@@ -334,6 +344,30 @@ def apply_reading(model_patcher, reader: BankReader, node: str = "SDN_ReadCharac
         layers[name] = layer.reading(reader)
         m.set_model_attn1_replace(layers[name], *key)
     _install(m, StoryAttention(spec.settings if spec is not None else None, layers, reader=reader))
+    return m
+
+
+def _apply_dit_reading(model_patcher, family: Family, reader: BankReader, node: str):
+    """apply_reading on a DiT: the blocks the banks hold read them in the attention override (dit.read); CSA blocks
+    already on the model keep their settings."""
+    spec = _story_attention(model_patcher)
+    m = model_patcher.clone()
+    options = m.model_options.setdefault("transformer_options", {})
+    previous = options.get("optimized_attention_override")
+    layers = {}
+    if isinstance(previous, JointAttention):
+        layers, previous = dict(previous.layers), previous.previous
+    blocks = dit_layers(family, tuple(family.stages))
+    for name in sorted(set().union(*(bank.layers for bank in reader.banks))):
+        block_type, index = name.split(".")
+        key = (block_type, int(index))
+        if key not in blocks:
+            raise BankMismatchError(f"{node}: a character bank holds block {name}, which this model does not "
+                                    f"have: it was recorded with another architecture")
+        layers[key] = layers.get(key, blocks[key].derived(shares=False)).derived(reader=reader, family=family)
+    options["optimized_attention_override"] = JointAttention(layers, previous)
+    _install(m, StoryAttention(spec.settings if spec is not None else None,
+                               {layer.name: layer for layer in layers.values()}, reader=reader, family=family))
     return m
 
 

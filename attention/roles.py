@@ -138,6 +138,8 @@ class SelfAttention:
     Immutable; ModelPatcher.clone() shares it rather than copying it.
     """
 
+    kv = 1  # bank rows per recorded token: its hidden state
+
     def __init__(self, key: tuple, factor: int, attn1, previous=None, shares: bool = True, reader=None):
         self.key, self.factor, self.attn1, self.previous = key, factor, attn1, previous
         self.shares, self.reader = shares, reader

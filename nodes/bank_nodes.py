@@ -36,20 +36,25 @@ class RecordCharacterBank(io.ComfyNode):
                 io.Combo.Input("storage_device", options=["cpu", "compute device"], default="cpu", tooltip=(
                     "Where the bank lives: CPU memory (moved to the GPU one step at a time while reading), or "
                     "the compute device (faster, costs GPU memory).")),
+                io.Float.Input("max_size_gb", default=8.0, min=0.0, max=10000.0, step=0.5, optional=True, tooltip=(
+                    "Refuse to record when the bank's size, estimated when sampling starts (before anything is "
+                    "stored), exceeds this many GB (10^9 bytes). 0 = no limit. A Flux bank at 1024 px holds tens of "
+                    "GB: use bank-free reference mode there.")),
             ],
             outputs=[io.Model.Output("recording_model", display_name="recording model",
                                      tooltip="Sample the reference panels with this model."),
                      BANK_RECORDER.Output("recorder", display_name="recorder", tooltip="Connect to Character Bank together with the samples.")])
 
     @classmethod
-    def execute(cls, model, storage_dtype, storage_device):
+    def execute(cls, model, storage_dtype, storage_device, max_size_gb=8.0):
         settings = csa_settings_of(model)
         if settings is None:
             raise NodeInputError("SDN_RecordCharacterBank", "model",
                                  "a model patched by SDN_ConsistentSelfAttention (connect it first)")
         rec = BankRecorder(storage_dtype=DTYPES[storage_dtype],
                            storage_device="cpu" if storage_device == "cpu" else "compute",
-                           fingerprint=model_fingerprint(model), settings=settings.as_dict())
+                           fingerprint=model_fingerprint(model), settings=settings.as_dict(),
+                           max_bytes=int(max_size_gb * 1e9))
         return io.NodeOutput(apply_recording(model, rec), rec)
 
 
@@ -95,7 +100,8 @@ class CharacterBankNode(io.ComfyNode):
         if bank.reference_count != expected:
             raise NodeInputError(node, "samples", f"the reference batch that was recorded ({bank.reference_count} "
                                  "images)", got=f"{expected} images")
-        return io.NodeOutput(bank, bank.summary())
+        return io.NodeOutput(bank, f"{bank.summary()}; estimated {recorder.estimate / 2**20:.1f} MiB when sampling "
+                                   f"started")
 
 
 class SaveCharacterBank(io.ComfyNode):

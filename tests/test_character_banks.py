@@ -457,3 +457,22 @@ def test_version_1_bank_files_are_refused_with_how_to_re_record(api, tmp_path):
     with pytest.raises(bank_mod.BankFileError, match=r"old\.safetensors: .*version 1.*Re-record the character.*"
                                                      r"SDN_RecordCharacterBank.*SDN_SaveCharacterBank"):
         bank_mod.CharacterBank.load(tmp_path / "old.safetensors")
+
+
+def test_record_node_limit_and_info_show_the_estimate(pack, sd15):
+    # The node's max_size_gb limit applies to UNet banks too: the run is refused when sampling starts, with the
+    # estimate, before anything is stored; under the limit, Character Bank's info shows the estimate and the size.
+    bank_nodes, errors = pack("nodes.bank_nodes"), pack("errors")
+    csa = csa_model(pack, sd15, rate=0.5)
+    positive = [[torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(0)), {}]]
+    model, rec = bank_nodes.RecordCharacterBank.execute(csa, "fp16", "cpu", max_size_gb=1e-9).result
+    with pytest.raises(errors.StoryDiffusionError, match=r"max_size_gb.*estimated .* GB \(\d+ bytes = .*"
+                                                         r"bank-free reference mode"):
+        sample(model, 2, steps=2, positive=positive)
+    assert rec.entries == {} and rec.estimate > 1e-9 * 1e9
+    model, rec = bank_nodes.RecordCharacterBank.execute(csa, "fp16", "cpu").result  # default: 8 GB
+    assert rec.max_bytes == 8 * 10**9
+    samples = sample(model, 2, steps=2, positive=positive)
+    bank, info = bank_nodes.CharacterBankNode.execute(rec, {"samples": samples}, "Ann").result
+    size = f"{bank.size_bytes / 2**20:.1f} MiB"
+    assert rec.estimate == bank.size_bytes and info.count(size) == 2 and "estimated" in info

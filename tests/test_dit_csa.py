@@ -201,15 +201,6 @@ def test_an_earlier_attention_override_still_runs(host, pack):
     assert set(seen) == {TEXT + 9, TEXT + 9 + 9}  # text queries: own 6 + 3x3 tokens; image queries: + the other 9
 
 
-def test_character_banks_are_refused_with_the_reference_mode_hint(host, pack):
-    patch, errors, bank = pack("attention.patch"), pack("errors"), pack("attention.bank")
-    model = csa(pack, small_flux("flux1"))
-    with pytest.raises(errors.UnsupportedModelError, match="SDN_RecordCharacterBank.*reference_count"):
-        patch.apply_recording(model, bank.BankRecorder())
-    with pytest.raises(errors.UnsupportedModelError, match="SDN_ReadCharacterBanks.*reference_count"):
-        patch.apply_reading(model, patch.BankReader(()))
-
-
 def test_no_host_syncs_in_the_blocks(host, pack):
     """The patch reads the device once per model call (the sigma) and once per run (the schedule), never per
     block: the same added syncs per call with 2 or 6 patched blocks."""

@@ -151,6 +151,9 @@ BANK_META_CASES = {  # metadata value -> (new value, or None to drop the key; fr
     "no_name": ("name", lambda m: None, "name"),
     "empty_name": ("name", lambda m: "", "name"),
     "no_index": ("index", lambda m: None, "index"),
+    "kind_unknown": ("kind", lambda m: "vae", "kind"),
+    "kind_dit_with_unet_layers": ("kind", lambda m: "dit", "dit bank"),
+    "unet_bank_naming_dit_blocks": ("index", lambda m: index_with(m, 0, [0, "double.0", 0]), "unet bank"),
 }
 
 
@@ -181,6 +184,23 @@ def _bank_tensor_case(meta, tensors, case):
 BANK_TENSOR_CASES = {"scales_without_fp8": "unexpected", "rows_not_a_multiple_of_references": "reference",
                      "integer_tensors": "dtype", "three_dimensional": "shape", "mixed_dtypes": "dtype",
                      "layer_changes_shape": "shape", "missing_tensor": "missing", "extra_tensor": "unexpected"}
+
+
+def test_dit_bank_rows_must_be_keys_and_values_of_every_reference(host, bank_folder, bank_mod):
+    # A DiT bank entry is (2 * R * M, C): keys then values. 2 references x 4 tokens: 16 rows; 14 rows are refused.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    entries = {(0, "double.0", 0): (torch.randn(16, 8), None), (0, "single.0", 0): (torch.randn(16, 8), None)}
+    bank = bank_mod.CharacterBank("Kai", "", entries, (1.0, 0.0), (6, 6), "f" * 32, 2, {})
+    path = bank.save(bank_folder / "dit_kai.safetensors")
+    assert bank_mod.CharacterBank.load(path).kind == "dit"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["kind"] == "dit"
+    tensors["0.h"] = tensors["0.h"][:14].contiguous()
+    save_file(tensors, str(bank_folder / "dit_odd.safetensors"), metadata=meta)
+    refused(host, "SDN_LoadCharacterBank", "bank_name", "dit_odd.safetensors", "keys and values")
 
 
 @pytest.mark.parametrize("case", sorted(RAW_CASES))
