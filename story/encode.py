@@ -35,11 +35,11 @@ def _tokenizer_of(clip, key: str):
         f"tokenizer for them is not a ComfyUI SDTokenizer (no pad token or padding side to make them equal).")
 
 
-def pad_panel_tokens(clip, tokens: list[dict]) -> list[dict]:
+def pad_panel_tokens(clip, tokens: list[dict]) -> tuple[list[dict], bool]:
     """Bring every panel's token lists to one length per encoder, by each tokenizer's own padding rule.
 
     tokens: one ``clip.tokenize(prompt)`` result per panel (``{encoder key: [chunk, ...]}``, a chunk being a list
-    of ``(token, weight)``). Returns new dicts; lists that are already equal for all panels are left alone.
+    of ``(token, weight)``). New dicts; lists that are already equal for all panels are left alone.
 
     - Tokenizers with fixed chunks (``pad_to_max_length``: CLIP's 77-token chunks in SD1.x/SD2.x/SDXL and in
       Flux/SD3/HiDream): shorter panels get the tokenizer's EMPTY-prompt chunk appended (start, end, padding)
@@ -47,16 +47,22 @@ def pad_panel_tokens(clip, tokens: list[dict]) -> list[dict]:
       of an empty chunk: "nothing" tokens, not zeros (off-distribution keys) and not a repeat of the panel's own
       chunk (that would duplicate half of a 2-chunk panel padded to 3). The pooled vector (first chunk) is
       unchanged.
-    - Tokenizers without chunks (T5-XXL, Qwen, Llama, Mistral, Gemma: one list per prompt): the shorter lists get
-      the tokenizer's pad token on its padding side (left for Mistral), as its own ``min_length`` padding would,
-      so row i is exactly what ComfyUI gives for prompt i with that minimum length raised to the longest panel's.
-      The encoders that mask padding (attention masks from the pad token) mask these too; those that do not
-      (Flux's T5 without mask) see them as ComfyUI's own 256-token padding is seen.
+    - Tokenizers without chunks that pad on the right (T5-XXL, Qwen, Llama, Gemma: one list per prompt): the
+      shorter lists get the tokenizer's pad token, as its own ``min_length`` padding would, so row i is exactly
+      what ComfyUI gives for prompt i with that minimum length raised to the longest panel's. The encoders that
+      mask padding (attention masks from the pad token) mask these too; those that do not (Flux's T5 without
+      mask) see them as ComfyUI's own 256-token padding is seen.
+    - Tokenizers that pad on the LEFT (Flux.2's Mistral): the lists are left alone and ``left`` is True. Left pad
+      tokens would move the prompt's tokens to later RoPE positions of the causal encoder, and Mistral's encoder
+      does not mask its tokenizer's pad token (11; it masks 0), so the prompt would encode differently; the
+      caller pads the encoder OUTPUT instead (:func:`encode_panels`).
 
-    Raises UnsupportedModelError for a tokenizer that is not ComfyUI's ``SDTokenizer`` kind when lengths differ.
+    Returns ``(tokens, left)``. Raises UnsupportedModelError for a tokenizer that is not ComfyUI's
+    ``SDTokenizer`` kind when lengths differ.
     """
     out = [dict(t) for t in tokens]
     empty = None
+    left = False
     for key in tokens[0]:
         lists = [t[key] for t in tokens]
         shapes = [[len(chunk) for chunk in chunks] for chunks in lists]
@@ -73,11 +79,18 @@ def pad_panel_tokens(clip, tokens: list[dict]) -> list[dict]:
             raise UnsupportedModelError(f"{NODE}: the '{key}' tokenizer split a prompt into several chunks without "
                                         "padding them to a fixed length; panels of different lengths cannot be "
                                         "padded by its rules")
+        if sub.pad_left:
+            left = True
+            continue
         length = max(len(chunks[0]) for chunks in lists)
         for panel, chunks in zip(out, lists):
-            pad = [(sub.pad_token, 1.0)] * (length - len(chunks[0]))
-            panel[key] = [pad + list(chunks[0]) if sub.pad_left else list(chunks[0]) + pad]
-    return out
+            panel[key] = [list(chunks[0]) + [(sub.pad_token, 1.0)] * (length - len(chunks[0]))]
+    return out, left
+
+
+def _pad_front(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x`` (1, T, ...) with zeros in front of dim 1 up to ``length``."""
+    return torch.cat([x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:])), x], dim=1)
 
 
 def encode_panels(clip, prompts: list[str]) -> list:
@@ -87,7 +100,10 @@ def encode_panels(clip, prompts: list[str]) -> list:
     clip: a ComfyUI ``comfy.sd.CLIP`` (any family above). prompts: one final (styled) prompt per panel, at least
     one. Returns ``[[cond (P, T, D), extras]]``: row i equals ``clip.encode_from_tokens`` of prompt i's tokens
     padded by :func:`pad_panel_tokens` (each panel is encoded on its own, never concatenated with other panels'
-    tokens).
+    tokens). For a left-padding tokenizer (Flux.2's Mistral) the prompts are encoded unpadded and the shorter
+    rows of ``cond`` (and of ``attention_mask``) get zeros in front: the padding ComfyUI's Flux.2 model applies
+    itself to text shorter than 512 tokens, so with every panel under 512 tokens the model sees exactly each
+    prompt's own text at its own positions.
 
     Extras: a tensor of batch 1 from every panel (``pooled_output``, ``attention_mask``, ``conditioning_llama3``)
     is stacked along dim 0; an ``attention_mask`` a panel lacks (Qwen-Image drops one without masked tokens) is
@@ -99,13 +115,19 @@ def encode_panels(clip, prompts: list[str]) -> list:
     from comfy import model_management
     from comfy.utils import ProgressBar
 
-    tokens = pad_panel_tokens(clip, [clip.tokenize(text) for text in prompts])
+    tokens, left = pad_panel_tokens(clip, [clip.tokenize(text) for text in prompts])
     pbar = ProgressBar(len(prompts))
     encoded = []
     for panel in tokens:
         model_management.throw_exception_if_processing_interrupted()
         encoded.append(clip.encode_from_tokens(panel, return_pooled=True, return_dict=True))
         pbar.update(1)
+    if left:
+        length = max(e["cond"].shape[1] for e in encoded)
+        for e in encoded:
+            for key in ("cond", "attention_mask"):
+                if isinstance(e.get(key), torch.Tensor):
+                    e[key] = _pad_front(e[key], length)
 
     shapes = {tuple(e["cond"].shape) for e in encoded}
     if len(shapes) > 1:

@@ -6,8 +6,8 @@
 - ``write_random_checkpoint(path, kind="sd15")``: a full-size single-file checkpoint (UNet + CLIP + VAE)
   written by ComfyUI's own ``comfy.sd.save_checkpoint``, so the stock CheckpointLoaderSimple detects it as it
   would a real SD1.5 file. Weights are scaled Gaussian noise (the loader never sees real weights here).
-- ``tiny_text_encoder(family)``: comfy.sd.CLIP of the DiT text encoders (Flux.1, SD3, Chroma, Z-Image, Qwen-Image)
-  at small widths, with ComfyUI's bundled tokenizers.
+- ``tiny_text_encoder(family)``: comfy.sd.CLIP of the DiT text encoders (Flux.1, SD3, Chroma, Z-Image, Qwen-Image,
+  Flux.2, Lumina2, HiDream) at small widths, with ComfyUI's bundled tokenizers or small tokenizer data written here.
 - ``write_random_flux_files(host)``: the diffusion model, VAE and text-encoder files of a Flux.1-dev workflow
   for the stock UNETLoader / VAELoader and the test-only ``SDNTest_TinyTextEncoders``.
 """
@@ -97,17 +97,86 @@ TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 
 TINY_T5_SD3 = {"d_model": 4096, "d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 1}
 TINY_QWEN = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
              "num_key_value_heads": 1}
+# Flux.2's Mistral keeps 30 layers: ComfyUI stacks the hidden states before layers 10 and 20 and after layer 30. Its
+# vocabulary is the test's own tekken file (TEKKEN_*), so the embedding is that small. HiDream's Llama returns every
+# layer; Lumina2's Gemma reads the penultimate one.
+TINY_MISTRAL = {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 30, "num_attention_heads": 1,
+                "num_key_value_heads": 1}
+TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 1,
+              "num_key_value_heads": 1}
+TINY_GEMMA = {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 1,
+              "num_key_value_heads": 1}
+# Mistral's tekken special tokens in their real order (ranks = ids): ComfyUI's Flux.2 tokenizer pads with 11
+# (<pad>), starts with 1 (<s>) and its chat template uses [INST] and [SYSTEM_PROMPT] pairs.
+TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                   "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+GEMMA_VOCAB = 320  # the 256 byte-fallback pieces, 4 specials, a few merges
+TEKKEN_MERGES = [b"th", b"the", b" t", b" th", b" the", b"an", b" a", b"in", b"er", b"on", b" s", b" o", b"or", b"ar"]
+
+
+def tiny_tekken() -> torch.Tensor:
+    """A valid tekken vocabulary (the ``tekken_model`` tokenizer data that ships inside Flux.2's Mistral file), as
+    the uint8 tensor a safetensors file gives: the 256 byte tokens, a few merges, the special tokens above."""
+    import base64
+    import json
+
+    vocab = [bytes([i]) for i in range(256)] + TEKKEN_MERGES
+    data = {"config": {"pattern": r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+",
+                       "num_vocab_tokens": len(vocab), "default_vocab_size": len(vocab) + len(TEKKEN_SPECIALS),
+                       "default_num_special_tokens": len(TEKKEN_SPECIALS)},
+            "vocab": [{"rank": r, "token_bytes": base64.b64encode(b).decode()} for r, b in enumerate(vocab)],
+            "special_tokens": [{"rank": r, "token_str": t, "is_control": True} for r, t in enumerate(TEKKEN_SPECIALS)]}
+    return torch.frombuffer(bytearray(json.dumps(data).encode()), dtype=torch.uint8)
+
+
+def _tekken_loader(data):
+    """ComfyUI's ``load_mistral_tokenizer`` result for tekken ``data`` built with the installed transformers:
+    0.3.75's loader calls the transformers 4 ``MistralConverter(vocab=...)``, which transformers 5 replaced by
+    ``MistralConverter(vocab_file)`` (same tekken layout: specials first, then the byte-level BPE ranks)."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers.integrations.mistral import MistralConverter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tekken.json"
+        path.write_bytes(data.numpy().tobytes())
+        tokenizer = MistralConverter(str(path)).converted()
+    # transformers 4's LlamaTokenizerFast put <s> first by default; 0.3.75 reads its start token from that
+    return {"tokenizer_object": tokenizer, "legacy": False, "bos_token": "<s>", "add_bos_token": True}
+
+
+def tiny_gemma_spiece() -> torch.Tensor:
+    """A small SentencePiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), trained here on a few
+    lines, as the ``spiece_model`` tokenizer data of a Lumina2 Gemma file (needs ``sentencepiece``)."""
+    import io
+
+    import sentencepiece
+
+    text = ["a small orange fox in the snow", "a tall knight in silver armor with a long blue cape",
+            "a grey horse with a white mane near the old castle towers", "fishermen in yellow coats by the river"]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text * 8), model_writer=model, vocab_size=GEMMA_VOCAB,
+                                             model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                             byte_fallback=True, minloglevel=2)
+    return torch.frombuffer(bytearray(model.getvalue()), dtype=torch.uint8)
 
 
 def tiny_text_encoder(family: str, seed: int = 0):
     """A ``comfy.sd.CLIP`` with the text encoders and tokenizers ComfyUI uses for ``family`` (``flux``: CLIP-L +
     T5-XXL, ``sd3``: CLIP-L + CLIP-G + T5-XXL, ``chroma``: T5-XXL, ``z_image``: Qwen3, ``qwen_image``:
-    Qwen2.5-VL), built from ComfyUI's own classes (the ones ``comfy.sd.load_text_encoder_state_dicts`` picks for
-    that family) at the small sizes above, float32, deterministic random weights. Qwen2.5-VL's vision tower has a
-    fixed full size in ComfyUI and only encodes images: it is left uninitialised (never touched, so never in
-    memory) and text prompts never reach it."""
+    Qwen2.5-VL, ``flux2``: Mistral with :func:`tiny_tekken`, ``lumina2``: Gemma 2 with :func:`tiny_gemma_spiece`,
+    ``hidream``: CLIP-L + CLIP-G + T5-XXL + Llama 3.1), built from ComfyUI's own classes (the ones
+    ``comfy.sd.load_text_encoder_state_dicts`` picks for that family) at the small sizes above, float32,
+    deterministic random weights. Qwen2.5-VL's vision tower has a fixed full size in ComfyUI and only encodes
+    images: it is left uninitialised (never touched, so never in memory) and text prompts never reach it."""
+    from unittest import mock
+
     import comfy.sd
     import comfy.text_encoders.flux
+    import comfy.text_encoders.hidream
+    import comfy.text_encoders.lumina2
     import comfy.text_encoders.pixart_t5
     import comfy.text_encoders.qwen_image
     import comfy.text_encoders.sd3_clip
@@ -126,9 +195,25 @@ def tiny_text_encoder(family: str, seed: int = 0):
                     {"qwen3_4b_model_config": TINY_QWEN}),
         "qwen_image": (ClipTarget(comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te()),
                        {"qwen25_7b_model_config": TINY_QWEN}),
+        "flux2": (ClipTarget(comfy.text_encoders.flux.Flux2Tokenizer, comfy.text_encoders.flux.flux2_te()),
+                  {"mistral3_24b_model_config": {**TINY_MISTRAL, "vocab_size": 256 + len(TEKKEN_MERGES + TEKKEN_SPECIALS)}}),
+        "lumina2": (ClipTarget(comfy.text_encoders.lumina2.LuminaTokenizer, comfy.text_encoders.lumina2.te()),
+                    {"gemma2_2b_model_config": {**TINY_GEMMA, "vocab_size": GEMMA_VOCAB}}),
+        "hidream": (ClipTarget(comfy.text_encoders.hidream.HiDreamTokenizer, comfy.text_encoders.hidream.hidream_clip()),
+                    {"clip_l_model_config": TINY_CLIP, "clip_g_model_config": TINY_CLIP, "t5xxl_model_config": TINY_T5,
+                     "llama_model_config": TINY_LLAMA}),
     }
     target, configs = targets[family]
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, **configs})
+    data = {"flux2": lambda: {"tekken_model": tiny_tekken()},
+            "lumina2": lambda: {"spiece_model": tiny_gemma_spiece()}}.get(family, dict)()
+    loader = comfy.text_encoders.flux.load_mistral_tokenizer
+    try:
+        if family == "flux2":
+            loader(data["tekken_model"])
+    except TypeError:  # ComfyUI 0.3.75 with transformers 5, see _tekken_loader
+        loader = _tekken_loader
+    with mock.patch.object(comfy.text_encoders.flux, "load_mistral_tokenizer", loader):
+        clip = comfy.sd.CLIP(target=target, tokenizer_data=data, model_options={"dtype": torch.float32, **configs})
     model = clip.cond_stage_model
     init_weights_(model.qwen25_7b.transformer.model if family == "qwen_image" else model, seed=seed)
     return clip

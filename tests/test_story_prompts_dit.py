@@ -1,5 +1,5 @@
 """SDN_StoryPrompt's per-panel conditioning for the text encoders of DiT models (Flux.1, SD3, Chroma, Z-Image,
-Qwen-Image), with ComfyUI's own text-encoder classes at small widths and its bundled tokenizers.
+Qwen-Image, Flux.2, Lumina2, HiDream), with ComfyUI's own text-encoder classes at small widths and its bundled tokenizers.
 
 The expectation for row i is computed here through a different path of ComfyUI: prompt i tokenized alone with
 the encoder's own minimum-length option raised to the batch length (``<key>_min_length``, the tokenizer's
@@ -220,3 +220,67 @@ def test_flux_files_load_through_the_stock_loaders(host, flux_files):
     [[cond, extras]] = run.node_output("4", 0)
     assert cond.shape[0] == 2 and cond.shape[1] > 256 and cond.shape[2] == TINY_T5["d_model"]
     assert extras["pooled_output"].shape == (2, FLUX_STOCK_UNET["vec_in_dim"])
+
+
+def test_flux2_mistral_panels_padded_with_zeros_in_front_as_its_model_pads(host, encode):
+    """Flux.2 (Mistral, a tekken vocabulary written by the test): ComfyUI's tokenizer pads on the LEFT with <pad>
+    (11), which its encoder does not mask and which shifts the prompt to later positions, so a left-padded prompt
+    encodes differently. The story pads the encoder output instead, with zeros in front: row i is prompt i's own
+    encoding after zeros, and Flux.2's model, which puts zeros in front of any text shorter than 512 tokens, then
+    sees for each panel exactly what it sees for that prompt alone."""
+    clip = tiny_text_encoder("flux2", seed=6)
+    prompts = [SHORT, MID, "a fox"]
+    n = lengths(clip, prompts, "mistral3_24b")
+    assert len(set(n)) == 3 and max(n) < 512, n
+    [[cond, extras]] = encode.encode_panels(clip, prompts)
+    length = max(n)
+    assert cond.shape == (3, length, 3 * 32) and extras["attention_mask"].shape == (3, length)
+    model = small_flux("flux2").model
+    for i, p in enumerate(prompts):
+        alone = solo(clip, p)["cond"]
+        front = length - n[i]
+        torch.testing.assert_close(cond[i:i + 1, front:], alone, **EXACT)
+        assert not cond[i, :front].any() and extras["attention_mask"][i].tolist() == [0] * front + [1] * n[i]
+        seen = [model.extra_conds(cross_attn=c, pooled_output=None)["c_crossattn"].cond for c in (cond[i:i + 1], alone)]
+        torch.testing.assert_close(seen[0], seen[1], **EXACT)
+        if front:  # why not the tokenizer's own left padding: it changes the prompt's encoding
+            padded = solo(clip, p, mistral3_24b=length)["cond"]
+            assert (padded[:, front:] - alone).abs().max() > 1e-3
+
+
+def test_lumina2_gemma_rows_and_attention_masks(host, encode):
+    """Lumina2 (Gemma 2 with a SentencePiece model trained by the test): padded on the right with Gemma's pad
+    token, masked per panel; row i = prompt i alone with the minimum length raised to the longest panel."""
+    pytest.importorskip("sentencepiece", reason="ComfyUI's Gemma tokenizer needs sentencepiece "
+                                                "(tests/requirements-host.txt)")
+    clip = tiny_text_encoder("lumina2", seed=7)
+    prompts = [SHORT, MID, "a fox"]
+    n = lengths(clip, prompts, "gemma2_2b")
+    assert len(set(n)) == 3, n
+    [[cond, extras]] = encode.encode_panels(clip, prompts)
+    mask = extras["attention_mask"]
+    assert cond.shape == (3, max(n), 32) and mask.shape == (3, max(n))
+    for i, p in enumerate(prompts):
+        alone = solo(clip, p, gemma2_2b=max(n))
+        torch.testing.assert_close(cond[i:i + 1], alone["cond"], **EXACT)
+        torch.testing.assert_close(mask[i:i + 1], alone["attention_mask"].to(mask))
+        assert mask[i].tolist() == [1] * n[i] + [0] * (max(n) - n[i])
+
+
+def test_hidream_four_encoders_rows_pooled_and_llama_extra(host, encode):
+    """HiDream (CLIP-L + CLIP-G + T5-XXL + Llama 3.1): T5 fixed at 128 tokens, Llama padded on the right to the
+    longest panel (one prompt past its 128 minimum), CLIP chunk counts differing (only the pooled vectors of the
+    first chunk are used): cond, pooled_output and conditioning_llama3 stacked per panel, row i = prompt i alone."""
+    clip = tiny_text_encoder("hidream", seed=8)
+    prompts = [SHORT, LONG]
+    n = lengths(clip, prompts, "llama")
+    assert n[0] == 128 < n[1], n
+    [[cond, extras]] = encode.encode_panels(clip, prompts)
+    assert set(extras) == {"pooled_output", "conditioning_llama3"}
+    assert cond.shape == (2, 128, 32) and extras["pooled_output"].shape == (2, 64)
+    assert extras["conditioning_llama3"].shape == (2, 2, n[1], 32)  # layers after the embedding
+    for i, p in enumerate(prompts):
+        alone = solo(clip, p, llama=n[1])
+        torch.testing.assert_close(cond[i:i + 1], alone["cond"], **EXACT)
+        for key in extras:
+            torch.testing.assert_close(extras[key][i:i + 1], alone[key], **EXACT)
