@@ -113,6 +113,7 @@ TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOL
                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
 GEMMA_VOCAB = 320  # the 256 byte-fallback pieces, 4 specials, a few merges
 TEKKEN_MERGES = [b"th", b"the", b" t", b" th", b" the", b"an", b" a", b"in", b"er", b"on", b" s", b" o", b"or", b"ar"]
+TEKKEN_VOCAB = 256 + len(TEKKEN_MERGES) + len(TEKKEN_SPECIALS)
 
 
 def tiny_tekken() -> torch.Tensor:
@@ -157,8 +158,8 @@ def tiny_gemma_spiece() -> torch.Tensor:
     text = ["a small orange fox in the snow", "a tall knight in silver armor with a long blue cape",
             "a grey horse with a white mane near the old castle towers", "fishermen in yellow coats by the river"]
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text * 8), model_writer=model, vocab_size=GEMMA_VOCAB,
-                                             model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text * 8), model_writer=model,
+                                             vocab_size=GEMMA_VOCAB, model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
                                              byte_fallback=True, minloglevel=2)
     return torch.frombuffer(bytearray(model.getvalue()), dtype=torch.uint8)
 
@@ -196,10 +197,11 @@ def tiny_text_encoder(family: str, seed: int = 0):
         "qwen_image": (ClipTarget(comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te()),
                        {"qwen25_7b_model_config": TINY_QWEN}),
         "flux2": (ClipTarget(comfy.text_encoders.flux.Flux2Tokenizer, comfy.text_encoders.flux.flux2_te()),
-                  {"mistral3_24b_model_config": {**TINY_MISTRAL, "vocab_size": 256 + len(TEKKEN_MERGES + TEKKEN_SPECIALS)}}),
+                  {"mistral3_24b_model_config": {**TINY_MISTRAL, "vocab_size": TEKKEN_VOCAB}}),
         "lumina2": (ClipTarget(comfy.text_encoders.lumina2.LuminaTokenizer, comfy.text_encoders.lumina2.te()),
                     {"gemma2_2b_model_config": {**TINY_GEMMA, "vocab_size": GEMMA_VOCAB}}),
-        "hidream": (ClipTarget(comfy.text_encoders.hidream.HiDreamTokenizer, comfy.text_encoders.hidream.hidream_clip()),
+        "hidream": (ClipTarget(comfy.text_encoders.hidream.HiDreamTokenizer,
+                               comfy.text_encoders.hidream.hidream_clip()),
                     {"clip_l_model_config": TINY_CLIP, "clip_g_model_config": TINY_CLIP, "t5xxl_model_config": TINY_T5,
                      "llama_model_config": TINY_LLAMA}),
     }

@@ -1,5 +1,6 @@
 """SDN_StoryPrompt's per-panel conditioning for the text encoders of DiT models (Flux.1, SD3, Chroma, Z-Image,
-Qwen-Image, Flux.2, Lumina2, HiDream), with ComfyUI's own text-encoder classes at small widths and its bundled tokenizers.
+Qwen-Image, Flux.2, Lumina2, HiDream), with ComfyUI's own text-encoder classes at small widths and its bundled
+tokenizers (or small tokenizer data written by tests/checkpoints.py).
 
 The expectation for row i is computed here through a different path of ComfyUI: prompt i tokenized alone with
 the encoder's own minimum-length option raised to the batch length (``<key>_min_length``, the tokenizer's
