@@ -133,6 +133,30 @@ def test_reference_mode_and_cfg_one_match_the_oracle(host, pack, kind):
     close(got, sample_dit(with_override(model, oracle), 4, kind))
 
 
+@pytest.mark.parametrize("kind", ("flux1", "zimage"))
+def test_cond_and_uncond_in_separate_calls_match_the_oracle(host, pack, kind, monkeypatch):
+    """Under memory pressure ComfyUI runs cond and uncond in separate model calls (one chunk each): each chunk is
+    still its own group (oracle), and rate 0.5 draws the same tokens as the joined calls (the step, not the call,
+    keys the draw)."""
+    import comfy.model_management
+
+    from sampling_helpers import record_chunks
+
+    model = small_dit(kind)
+    joined = sample_dit(csa(pack, model, rate=0.5, seed=4), 3, kind, cfg=3.0)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
+    oracle = sample_dit(with_override(model, joint_oracle(text_tokens(kind), ALL, **nextdit_layout(kind))), 3,
+                        kind, cfg=3.0)
+    log = []
+    got = sample_dit(record_chunks(csa(pack, model), log), 3, kind, cfg=3.0)
+    torch.testing.assert_close(got, oracle, atol=1e-3, rtol=1e-3)  # float noise of other kernels: ~2.5e-4 on Z-Image
+    assert (got - sample_dit(model, 3, kind, cfg=3.0)).abs().max() > 1e-2  # CSA acts far beyond the tolerance
+    assert log and all(len(c) == 1 for c in log), log  # cond and uncond arrived in separate calls
+    split = sample_dit(csa(pack, model, rate=0.5, seed=4), 3, kind, cfg=3.0)
+    torch.testing.assert_close(split, joined, atol=1e-3, rtol=1e-3)
+    assert (sample_dit(csa(pack, model, rate=0.5, seed=5), 3, kind, cfg=3.0) - joined).abs().max() > 1e-2  # draws act
+
+
 def test_block_choice_patches_only_those_blocks(host, pack):
     """dit_blocks = single-stream: the double-stream block stays plain."""
     model = small_flux("flux1", depth=2, single=2)
