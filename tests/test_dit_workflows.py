@@ -19,7 +19,8 @@ def prepare(host, name, files):
     wf, api = load_api(host, name)
     (loader,) = by_type(api, "CLIPLoader")
     assert api[loader]["inputs"]["type"] == "qwen_image"
-    api[loader] = {"class_type": "SDNTest_TinyTextEncoder", "inputs": {"clip_name": files["clip"], "type": "qwen_image"}}
+    api[loader] = {"class_type": "SDNTest_TinyTextEncoder",
+                   "inputs": {"clip_name": files["clip"], "type": "qwen_image"}}
     (unet,) = by_type(api, "UNETLoader")
     api[unet]["inputs"]["unet_name"] = files["unet"]
     (vae,) = by_type(api, "VAELoader")

@@ -4,8 +4,8 @@
 layout but small widths (fast on CPU), the real CLIP text encoders of that family and the real SD VAE, all
 with random weights. ``SDNTest_TinyTextEncoders`` stands in for DualCLIPLoader (type flux) on small CLIP-L and
 T5-XXL files (see tests/checkpoints.py ``write_random_flux_files``), ``SDNTest_TinyTextEncoder`` for CLIPLoader
-(type qwen_image) on a one-layer Qwen2.5-VL 7B file (``write_random_qwen_image_files``). Loaded by tests/conftest.py through
-ComfyUI's custom-node loader; never shipped.
+(type qwen_image) on a one-layer Qwen2.5-VL 7B file (``write_random_qwen_image_files``). Loaded by
+tests/conftest.py through ComfyUI's custom-node loader; never shipped.
 """
 import sys
 from pathlib import Path
@@ -87,7 +87,8 @@ class TinyTextEncoder(io.ComfyNode):
         import folder_paths
         from checkpoints import QWEN_IMAGE_TE
 
-        sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("text_encoders", clip_name), safe_load=True)
+        path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
         clip = comfy.sd.load_text_encoder_state_dicts(
             [sd], embedding_directory=folder_paths.get_folder_paths("embeddings"),
             clip_type=comfy.sd.CLIPType.QWEN_IMAGE, model_options={"qwen25_7b_model_config": dict(QWEN_IMAGE_TE)})
