@@ -1,4 +1,5 @@
-"""Benchmark: CSA on the DiT families (Flux.1-dev, Flux.2, Chroma) beside the vanilla model, side by side.
+"""Benchmark: CSA on the DiT families (Flux.1-dev, Flux.2, Chroma, Qwen-Image, Z-Image, Lumina2) beside the
+vanilla model, side by side.
 
 B story images, cfg 1 (one model call of B rows, as Flux.1-dev runs), rate 0.5. Per family:
   layer   one joint attention of the real shapes (the family's width and heads, 512 text tokens and the image
@@ -10,76 +11,130 @@ Columns: x vanilla (best of --repeats; on the CPU the process's CPU seconds, all
 floor over vanilla of what was timed (the model's FLOPs counted on the meta device, plus every extra key scored
 once: 4 N M C per image query and patched block); full floor: the same for the full-size model at the same size
 (meta device); syncs/call: host syncs per model call (tests/host_syncs.py) on the same layout at small width
-(tests/models.py small_flux), the vanilla model's own plus what the pack adds.
+(tests/models.py small_flux, small_qwen_image, small_nextdit), the vanilla model's own plus what the pack adds.
 The full-size models are the configurations ComfyUI's model detection sets (Flux.1-dev 12B, Flux.2-dev 32B,
-Chroma 9B), random weights. On the CPU the step is timed at reduced width and depth (--width, --blocks; the
-output says which); on CUDA (--device cuda) the full models run at 1024 px.
-Usage: python scripts/benchmark_dit.py [--device cuda] [--families flux1,flux2,chroma] [--size 256]
+Chroma 9B, Qwen-Image 20B, Z-Image 6B, Lumina2 2.6B), random weights. On the CPU the step is timed at reduced
+width and depth (--width, --blocks: Flux-like double,single; the others, which have one kind of block, their
+sum; the output says which); on CUDA (--device cuda) the full models run at 1024 px.
+Usage: python scripts/benchmark_dit.py [--device cuda] [--families flux1,flux2,chroma,qwen_image,zimage,lumina2]
+       [--size 256]
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import sys
+from dataclasses import dataclass
 
 from bench_common import DTYPES, best_of, csa_floors, start
 
-TEXT = 512  # text tokens: T5-XXL (Flux.1-dev, Chroma) and Flux.2's padded Mistral prompt
-HEAD_DIM = 128
-FAMILIES = {  # name: (comfy.supported_models class, pixels per latent pixel, the full model as detection sets it)
-    "flux1": ("Flux.1-dev", "Flux", 8, {
+TEXT = 512  # text tokens: T5-XXL (Flux.1-dev, Chroma), Flux.2's padded Mistral prompt; a long Qwen/Gemma prompt
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A benchmarked family: ``label``; ``cls``: its comfy.supported_models class; ``down``: pixels per latent pixel;
+    ``full``: the full model's config as ComfyUI's model detection sets it (with the class defaults it relies on);
+    ``heads``, ``width``, ``text``: the config keys of the heads, the width (None: heads x ``head_dim``) and the
+    text width; ``depth``: the config keys of the block counts (Flux-like: double, single; else one kind)."""
+
+    label: str
+    cls: str
+    down: int
+    full: dict
+    width: str | None = "hidden_size"
+    heads: str = "num_heads"
+    text: str = "context_in_dim"
+    depth: tuple = ("depth", "depth_single_blocks")
+    head_dim: int = 128
+
+
+NEXTDIT = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "qk_norm": True, "n_refiner_layers": 2}
+FAMILIES = {
+    "flux1": Bench("Flux.1-dev", "Flux", 8, {
         "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "hidden_size": 3072,
         "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "context_in_dim": 4096, "vec_in_dim": 768,
         "axes_dim": [16, 56, 56], "theta": 10000, "mlp_ratio": 4.0, "qkv_bias": True, "guidance_embed": True}),
-    "flux2": ("Flux.2-dev", "Flux2", 16, {
+    "flux2": Bench("Flux.2-dev", "Flux2", 16, {
         "image_model": "flux2", "in_channels": 128, "out_channels": 128, "patch_size": 1, "hidden_size": 6144,
         "num_heads": 48, "depth": 8, "depth_single_blocks": 48, "context_in_dim": 15360, "vec_in_dim": None,
         "axes_dim": [32, 32, 32, 32], "theta": 2000, "mlp_ratio": 3.0, "qkv_bias": False, "guidance_embed": True,
         "global_modulation": True, "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index",
         "ref_index_scale": 10.0}),
-    "chroma": ("Chroma", "Chroma", 8, {
+    "chroma": Bench("Chroma", "Chroma", 8, {
         "image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2, "hidden_size": 3072,
         "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "context_in_dim": 4096, "axes_dim": [16, 56, 56],
         "theta": 10000, "mlp_ratio": 4.0, "qkv_bias": True, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120,
         "n_layers": 5}),
+    "qwen_image": Bench("Qwen-Image", "QwenImage", 8, {  # detection reads in_channels and the block count
+        "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "patch_size": 2, "num_layers": 60,
+        "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584,
+        "axes_dims_rope": (16, 56, 56)}, None, "num_attention_heads", "joint_attention_dim", ("num_layers",)),
+    "zimage": Bench("Z-Image", "ZImage", 8, dict(NEXTDIT, **{  # cap_feat_dim: Qwen3-4B's width
+        "dim": 3840, "n_layers": 30, "n_heads": 30, "n_kv_heads": 30, "cap_feat_dim": 2560, "axes_dims": [32, 48, 48],
+        "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+        "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}), "dim", "n_heads",
+        "cap_feat_dim", ("n_layers",)),
+    "lumina2": Bench("Lumina2", "Lumina2", 8, dict(NEXTDIT, **{  # cap_feat_dim: Gemma 2 2B's width
+        "dim": 2304, "n_layers": 26, "n_heads": 24, "n_kv_heads": 8, "cap_feat_dim": 2304, "axes_dims": [32, 32, 32],
+        "axes_lens": [300, 512, 512], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0}), "dim", "n_heads",
+        "cap_feat_dim", ("n_layers",), head_dim=96),
 }
 
 
 def model_config(kind: str, width: int | None = None, blocks: tuple | None = None, dtype=None):
-    """The comfy.supported_models config of ``kind`` (FAMILIES), at ``width`` (heads of 128) and ``blocks``
-    (double, single) when given, else full size."""
+    """The comfy.supported_models config of ``kind`` (FAMILIES), full size, or at ``width`` and ``blocks`` when
+    given: ``width`` rounded down to whole heads of the family's head width, in whole groups of its query heads per
+    key/value head (Lumina2: 3 of 96); ``blocks``: (double, single), their sum for a model of one kind of block."""
     import dataclasses
 
     import comfy.ldm.flux.model as flux
     import comfy.supported_models as sm
 
-    _, cls, _, full = FAMILIES[kind]
-    config = dict(full)
+    bench = FAMILIES[kind]
+    config = dict(bench.full)
     if width:
-        config.update(hidden_size=width, num_heads=width // HEAD_DIM, **({"out_dim": width} if "out_dim" in full else {}))
+        group = bench.full[bench.heads] // bench.full.get("n_kv_heads", bench.full[bench.heads])
+        heads = max(1, width // (bench.head_dim * group)) * group
+        config[bench.heads] = heads
+        config.update({key: heads * bench.head_dim for key in (bench.width, "out_dim") if key in bench.full})
+        if "n_kv_heads" in config:
+            config["n_kv_heads"] = heads // group
     if blocks:
-        config.update(depth=blocks[0], depth_single_blocks=blocks[1])
-    if kind != "chroma" and "txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)}:
+        config.update(zip(bench.depth, blocks) if len(bench.depth) == 2 else {bench.depth[0]: sum(blocks)})
+    fields = {f.name for f in dataclasses.fields(flux.FluxParams)}
+    if config["image_model"] in ("flux", "flux2") and "txt_ids_dims" in fields:
         config["txt_ids_dims"] = [3] if kind == "flux2" else []  # current ComfyUI's field, as its detection sets it
     if dtype is not None:
         config["dtype"] = dtype
-    return getattr(sm, cls)(config)
+    return getattr(sm, bench.cls)(config)
 
 
-def meta_flops_per_row(config, latent_hw) -> float:
-    """FLOPs of one row through the diffusion model of ``config``, counted on the meta device."""
+def latent(config, rows: int, latent_hw) -> tuple:
+    """Shape of ``rows`` latents of the model of ``config`` (Qwen-Image's are 5-D with one frame)."""
+    fmt = config.latent_format
+    return (rows, fmt.latent_channels) + (1,) * (getattr(fmt, "latent_dimensions", 2) - 2) + tuple(latent_hw)
+
+
+def meta_flops_per_row(pack, kind: str, config, latent_hw) -> tuple:
+    """(FLOPs of one row through the diffusion model of ``config``, counted on the meta device; its
+    attention.dit.Family)."""
+    import comfy.model_patcher
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = config.get_model({}, device=torch.device("meta")).diffusion_model
+    meta = torch.device("meta")
+    model = config.get_model({}, device=meta)
     unet = config.unet_config
-    channels = config.latent_format.latent_channels
-    z = lambda *shape: torch.zeros(*shape, device="meta")  # noqa: E731
-    extra = {"y": z(1, unet["vec_in_dim"])} if unet.get("vec_in_dim") else {}
-    with FlopCounterMode(display=False) as counter:  # guidance: Chroma's forward requires it, Flux.1-dev reads it
-        net(z(1, channels, *latent_hw), z(1), context=z(1, TEXT, unet["context_in_dim"]), guidance=z(1),
-            transformer_options={}, **extra)
-    return counter.get_total_flops()
+    z = lambda *shape: torch.zeros(*shape, device=meta)  # noqa: E731
+    extra = {"lumina2": {"num_tokens": TEXT}, "qwen_image": {}}.get(unet["image_model"], {"guidance": z(1)})
+    if unet.get("vec_in_dim"):  # guidance: Chroma's forward requires it, Flux.1-dev reads it
+        extra["y"] = z(1, unet["vec_in_dim"])
+    with FlopCounterMode(display=False) as counter:
+        model.diffusion_model(z(*latent(config, 1, latent_hw)), z(1), z(1, TEXT, unet[FAMILIES[kind].text]),
+                              transformer_options={}, **extra)
+    family = pack("attention.dit").dit_family(comfy.model_patcher.ModelPatcher(model, meta, meta))
+    return counter.get_total_flops(), family
 
 
 def step_fn(model, positive, latent_hw):
@@ -87,22 +142,21 @@ def step_fn(model, positive, latent_hw):
     import comfy.sample
     import torch
 
-    rows = positive[0][0].shape[0]
-    latent = torch.zeros(rows, model.model.latent_format.latent_channels, *latent_hw)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    shape = latent(model.model.model_config, positive[0][0].shape[0], latent_hw)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     return lambda steps=1: comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive,
-                                               latent, seed=0, disable_pbar=True)
+                                               torch.zeros(shape), seed=0, disable_pbar=True)
 
 
-def conds(model, n: int, text: int = TEXT):
+def conds(kind: str, model, n: int, text: int = TEXT):
     """``n`` rows of random conditioning in the model's text width, and a pooled vector (Flux.1 reads it; ComfyUI's
-    Flux conditioning asks every family of it for one)."""
+    Flux conditioning asks every family of it for one; the others ignore it)."""
     import torch
 
     unet = model.model.model_config.unet_config
     gen = torch.Generator().manual_seed(n)
     pooled = torch.randn(n, unet.get("vec_in_dim") or 768, generator=gen)
-    return [[torch.randn(n, text, unet["context_in_dim"], generator=gen), {"pooled_output": pooled}]]
+    return [[torch.randn(n, text, unet[FAMILIES[kind].text], generator=gen), {"pooled_output": pooled}]]
 
 
 def modes(pack, model, images: int, refs: int, rate: float) -> dict:
@@ -115,16 +169,18 @@ def modes(pack, model, images: int, refs: int, rate: float) -> dict:
             "bank-free": (patch.apply_csa(model, patch.CSASettings(rates=rates, reference_count=refs)), images + refs)}
 
 
-def floors(pack, config, latent_hw, args) -> dict:
-    """FLOP floor of every step mode for the model of ``config`` (its FLOPs counted on the meta device)."""
-    csa_core, dit = pack("attention.csa"), pack("attention.dit")
-    unet = config.unet_config
-    n = dit.Family("", {}, unet["patch_size"]).image_tokens(latent_hw)
-    m, c = csa_core.tokens_per_source(n, args.rate), unet["hidden_size"]
-    per_row = meta_flops_per_row(config, latent_hw)
-    single = csa_floors([(n, m, c)] * unet["depth_single_blocks"], per_row, args.images, args.refs, 1)
-    every = [(n, m, c)] * (unet["depth"] + unet["depth_single_blocks"])
-    return {**single, "csa all": csa_floors(every, per_row, args.images, args.refs, 1)["csa"]}
+def floors(pack, kind: str, config, latent_hw, args) -> tuple:
+    """(FLOP floor of every step mode, blocks per dit_blocks stage) for the model of ``config`` (its FLOPs counted
+    on the meta device; the blocks CSA patches as attention.dit.dit_family sees that model)."""
+    csa_core = pack("attention.csa")
+    bench, unet = FAMILIES[kind], config.unet_config
+    per_row, family = meta_flops_per_row(pack, kind, config, latent_hw)
+    blocks = {stage: sum(len(indices) for _, indices in family.stages[stage]) for stage in ("double", "single")}
+    n = family.image_tokens(latent_hw)
+    layer = (n, csa_core.tokens_per_source(n, args.rate), unet[bench.heads] * bench.head_dim)
+    default = csa_floors([layer] * blocks["single"], per_row, args.images, args.refs, 1)
+    every = csa_floors([layer] * sum(blocks.values()), per_row, args.images, args.refs, 1)
+    return {**default, "csa all": every["csa"]}, blocks
 
 
 def layer_rows(pack, kind: str, latent_hw, args, device, dtype, cuda: bool) -> list:
@@ -133,12 +189,12 @@ def layer_rows(pack, kind: str, latent_hw, args, device, dtype, cuda: bool) -> l
     from comfy.ldm.modules.attention import optimized_attention
 
     csa_core, dit = pack("attention.csa"), pack("attention.dit")
-    full = FAMILIES[kind][3]
-    heads, b, r = full["num_heads"], args.images, args.refs
-    n_img = dit.Family("", {}, full["patch_size"]).image_tokens(latent_hw)
+    bench = FAMILIES[kind]
+    heads, dim, b, r = bench.full[bench.heads], bench.head_dim, args.images, args.refs
+    n_img = dit.Family("", {}, bench.full["patch_size"]).image_tokens(latent_hw)
     span, n = (TEXT, TEXT + n_img), TEXT + n_img
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b + r, heads, n, HEAD_DIM, generator=gen).to(device, dtype) for _ in range(3))
+    q, k, v = (torch.randn(b + r, heads, n, dim, generator=gen).to(device, dtype) for _ in range(3))
     attend = lambda q, k, v, mask: optimized_attention(q, k, v, heads, mask=mask, skip_reshape=True)  # noqa: E731
     plans = {refs: csa_core.make_plan(b + refs, n_img, args.rate, refs,
                                       torch.Generator().manual_seed(1)).to(device) for refs in (0, r)}
@@ -147,22 +203,24 @@ def layer_rows(pack, kind: str, latent_hw, args, device, dtype, cuda: bool) -> l
                      "csa": lambda: csa_core.joint_consistent_attention(q[:b], k[:b], v[:b], plans[0], span, attend),
                      "bank-free": lambda: csa_core.joint_consistent_attention(q, k, v, plans[r], span, attend)},
                     args.repeats or (20 if cuda else 3), cuda)
-    floor = csa_floors([(n_img, csa_core.tokens_per_source(n_img, args.rate), heads * HEAD_DIM)],
-                       4 * n * n * heads * HEAD_DIM, b, r, 1)
+    floor = csa_floors([(n_img, csa_core.tokens_per_source(n_img, args.rate), heads * dim)],
+                       4 * n * n * heads * dim, b, r, 1)
     return [(mode, times[mode] / times["vanilla"], floor[mode]) for mode in rows]
 
 
 def host_syncs(pack, kind: str, args) -> dict:
     """Host syncs per model call of every step mode, on the same layout at small width (two steps: two calls)."""
     from host_syncs import HostSyncs
-    from models import small_flux
+    from models import small_flux, small_nextdit, small_qwen_image
     from sampling_helpers import record_chunks
 
-    tiny = small_flux(kind, depth=2, single=2)
+    small = {"qwen_image": lambda: small_qwen_image(layers=4), "zimage": lambda: small_nextdit("zimage", layers=4),
+             "lumina2": lambda: small_nextdit("lumina2", layers=4)}
+    tiny = small.get(kind, lambda: small_flux(kind, depth=2, single=2))()
     out = {}
     for mode, (m, rows) in modes(pack, tiny, args.images, args.refs, args.rate).items():
         calls = []
-        step = step_fn(record_chunks(m.clone(), calls), conds(tiny, rows, text=8), (8, 8))
+        step = step_fn(record_chunks(m.clone(), calls), conds(kind, tiny, rows, text=8), (8, 8))
         with HostSyncs() as syncs:
             step(2)
         out[mode] = syncs.count / len(calls)
@@ -174,9 +232,9 @@ def benchmark(pack, kind: str, args, device, dtype, cuda: bool) -> None:
     import comfy.model_patcher
     from models import init_weights_
 
-    label, _, down, _ = FAMILIES[kind]
-    latent_hw = (args.size // down, args.size // down)
-    tag = f"{label:<10} {args.size:>5}"
+    bench = FAMILIES[kind]
+    latent_hw = (args.size // bench.down, args.size // bench.down)
+    tag = f"{bench.label:<10} {args.size:>5}"
     for mode, ratio, floor in layer_rows(pack, kind, latent_hw, args, device, dtype, cuda):
         print(f"{tag} {'layer':<5} {mode:<10} {ratio:>9.2f} {floor:>6.3f} {floor:>10.3f} {'':>10}", flush=True)
 
@@ -185,18 +243,21 @@ def benchmark(pack, kind: str, args, device, dtype, cuda: bool) -> None:
     init_weights_(inner.diffusion_model, scale=0.02)
     model = comfy.model_patcher.ModelPatcher(inner, load_device=device, offload_device=device)
     step_modes = modes(pack, model, args.images, args.refs, args.rate)
-    story = conds(model, args.images + args.refs)
+    story = conds(kind, model, args.images + args.refs)
     times = best_of({mode: step_fn(m, [[story[0][0][-rows:], {k: t[-rows:] for k, t in story[0][1].items()}]],
                                    latent_hw) for mode, (m, rows) in step_modes.items()},
                     args.repeats or (5 if cuda else 2), cuda)
-    floor, full = floors(pack, reduced, latent_hw, args), floors(pack, model_config(kind), latent_hw, args)
+    (floor, blocks), (full, _) = floors(pack, kind, reduced, latent_hw, args), floors(pack, kind, model_config(kind),
+                                                                                      latent_hw, args)
     syncs = host_syncs(pack, kind, args)
     for mode in step_modes:
         print(f"{tag} {'step':<5} {mode:<10} {times[mode] / times['vanilla']:>9.2f} {floor[mode]:>6.3f} "
               f"{full[mode]:>10.3f} {syncs[mode]:>10.1f}", flush=True)
     unet = reduced.unet_config
-    print(f"#   {label} step timed at width {unet['hidden_size']}, {unet['depth']} double + "
-          f"{unet['depth_single_blocks']} single blocks; vanilla {times['vanilla']:.3g} s", flush=True)
+    layout = (f"{blocks['double']} double + {blocks['single']} single blocks" if len(bench.depth) == 2 else
+              f"{sum(blocks.values())} blocks ({blocks['single']} patched by default)")
+    print(f"#   {bench.label} step timed at width {unet[bench.heads] * bench.head_dim}, {layout}; "
+          f"vanilla {times['vanilla']:.3g} s", flush=True)
     del step_modes, model, inner
     comfy.model_management.unload_all_models()
     gc.collect()
@@ -207,10 +268,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--size", type=int, default=None, help="pixels (default: 1024 on CUDA, 256 on the CPU)")
-    ap.add_argument("--width", type=int, default=None, help="timed model's width, heads of 128 (default: full on "
-                                                            "CUDA, 768 on the CPU)")
-    ap.add_argument("--blocks", default=None, help="timed model's double,single blocks (default: full on CUDA, "
-                                                   "2,4 on the CPU)")
+    ap.add_argument("--width", type=int, default=None, help="timed model's width, in the family's heads (default: "
+                                                            "full on CUDA, 768 on the CPU)")
+    ap.add_argument("--blocks", default=None, help="timed model's double,single blocks; one kind of block: their "
+                                                   "sum (default: full on CUDA, 2,4 on the CPU)")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--refs", type=int, default=1)
     ap.add_argument("--rate", type=float, default=0.5)

@@ -10,6 +10,8 @@
   Flux.2, Lumina2, HiDream) at small widths, with ComfyUI's bundled tokenizers or small tokenizer data written here.
 - ``write_random_flux_files(host)``: the diffusion model, VAE and text-encoder files of a Flux.1-dev workflow
   for the stock UNETLoader / VAELoader and the test-only ``SDNTest_TinyTextEncoders``.
+- ``write_random_qwen_image_files(host)``: the same for a Qwen-Image workflow (stock UNETLoader / VAELoader, the
+  test-only ``SDNTest_TinyTextEncoder`` for its CLIPLoader).
 """
 import torch
 
@@ -64,8 +66,8 @@ def write_random_checkpoint(path, kind="sd15", seed=0):
 
 
 def install_random_weights(host, folder: str, name: str, shapes: dict, seed: int, bias_scale: float = 0.0) -> str:
-    """Write a state dict of ``shapes`` (fp16; norm weights and RMSNorm scales 1, biases N(0, bias_scale), others
-    N(0, 0.02)) as ``models/<folder>/<name>`` of the test host, once per session; return ``name`` for the loader
+    """Write a state dict of ``shapes`` (fp16; norm weights and RMSNorm scales and gains 1, biases N(0, bias_scale),
+    others N(0, 0.02)) as ``models/<folder>/<name>`` of the test host, once per session; return ``name`` for the loader
     node."""
     from safetensors.torch import save_file
 
@@ -75,13 +77,11 @@ def install_random_weights(host, folder: str, name: str, shapes: dict, seed: int
         g = torch.Generator().manual_seed(seed)
         sd = {}
         for k, shape in shapes.items():
-            if ("norm" in k and k.endswith("weight")) or k.endswith(".scale"):
-                t = torch.ones(shape)
-            elif k.endswith("bias"):
-                t = torch.randn(shape, generator=g) * bias_scale
+            t = torch.empty(shape, dtype=torch.float16)  # drawn in fp16: the files hold a billion values
+            if ("norm" in k and k.endswith("weight")) or k.endswith((".scale", ".gamma")):
+                sd[k] = t.fill_(1.0)
             else:
-                t = torch.randn(shape, generator=g) * 0.02
-            sd[k] = t.half().contiguous()
+                sd[k] = t.normal_(0.0, bias_scale if k.endswith("bias") else 0.02, generator=g)
         save_file(sd, str(path))
     return name
 
@@ -270,3 +270,41 @@ def write_random_flux_files(host, seed: int = 0) -> dict:
             save_file({k: v.half().contiguous() for k, v in sd.items()}, str(path))
         names[key] = name
     return names
+
+
+# Qwen-Image as ComfyUI 0.3.75's model detection reads it from a diffusion-model file: only the input channels and
+# the block count come from the file; the width (24 heads of 128 = 3072), the text width (3584, Qwen2.5-VL 7B's)
+# and the RoPE axes are the class defaults. Two joint blocks, so that the default dit_blocks (the later half) has
+# one. Its text encoder must then emit 3584-wide tokens: Qwen2.5-VL at full width and vocabulary (the embedding
+# is most of it), one layer, 4 key/value heads (ComfyUI tells the 7B from the 3B by the key bias width, 4 x 128).
+QWEN_IMAGE_LAYERS = 2
+QWEN_IMAGE_TE = {"hidden_size": 3584, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                 "num_key_value_heads": 4}
+WAN_VAE_DIM = 32  # Wan 2.1 VAE width, read from the file by ComfyUI (the real one: 96)
+QWEN_IMAGE_FILES = {"unet": ("diffusion_models", "sdn-random-qwen-image.safetensors"),
+                    "vae": ("vae", "sdn-random-qwen-image-vae.safetensors"),
+                    "clip": ("text_encoders", "sdn-tiny-qwen25-vl-7b.safetensors")}
+
+
+def write_random_qwen_image_files(host, seed: int = 0) -> dict:
+    """Write, once per session, the files of a Qwen-Image workflow into the host's model folders, in the real
+    files' key formats: the diffusion model for the stock UNETLoader (full width, ``QWEN_IMAGE_LAYERS`` joint
+    blocks, 0.72 B parameters, 1.4 GB fp16), the Wan 2.1 VAE for the stock VAELoader (real architecture at width
+    ``WAN_VAE_DIM``), and the text side of Qwen2.5-VL 7B (``QWEN_IMAGE_TE``: 0.55 B parameters; no vision
+    tower, which only encodes images) for ``SDNTest_TinyTextEncoder`` (the stock CLIPLoader builds all 28 layers
+    from ComfyUI's config class, 7 B parameters, whatever the file holds).
+    Returns ``{"unet" | "vae" | "clip": file name}`` for the loader nodes."""
+    import comfy.ldm.qwen_image.model as qwen_image
+    import comfy.ldm.wan.vae as wan_vae
+    import comfy.ops
+    import comfy.text_encoders.llama as llama
+
+    ops = comfy.ops.disable_weight_init
+    with torch.device("meta"):
+        unet = qwen_image.QwenImageTransformer2DModel(num_layers=QWEN_IMAGE_LAYERS, operations=ops).state_dict()
+        vae = wan_vae.WanVAE(dim=WAN_VAE_DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                             temperal_downsample=[False, True, True], dropout=0.0).state_dict()
+        te = llama.Qwen25_7BVLI(dict(QWEN_IMAGE_TE), None, None, ops).state_dict()
+    shapes = {"unet": unet, "vae": vae, "clip": {k: v for k, v in te.items() if k.startswith("model.")}}
+    return {key: install_random_weights(host, *QWEN_IMAGE_FILES[key], {k: v.shape for k, v in sd.items()}, seed=seed)
+            for key, sd in shapes.items()}

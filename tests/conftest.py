@@ -48,3 +48,13 @@ def flux_files(host):
     from checkpoints import write_random_flux_files
 
     return write_random_flux_files(host)
+
+
+@pytest.fixture(scope="session")
+def qwen_image_files(host):
+    """File names of a Qwen-Image workflow's models with random weights, written once per session into the
+    host's model folders (tests/checkpoints.py ``write_random_qwen_image_files``): ``{"unet" | "vae" | "clip":
+    name}``."""
+    from checkpoints import write_random_qwen_image_files
+
+    return write_random_qwen_image_files(host)

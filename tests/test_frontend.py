@@ -47,7 +47,7 @@ ANIMATEDIFF_EVOLVED = {"ADE_LoadAnimateDiffModel", "ADE_ApplyAnimateDiffModelSim
 USER_FILES = {("CheckpointLoaderSimple", "ckpt_name"), ("CLIPVisionLoader", "clip_name"),
               ("PhotoMakerLoader", "photomaker_model_name"), ("SDN_IPAdapterLoader", "ipadapter_name"),
               ("SDN_MotionPredictorLoader", "predictor_name"), ("UNETLoader", "unet_name"), ("VAELoader", "vae_name"),
-              ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2")}
+              ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"), ("CLIPLoader", "clip_name")}
 SIZE, STEPS, PAGE = 64, 2, 256
 # Queued through the server: one workflow of each mode, with the pages it saves (4 panels on a "four panel"
 # page; 12 panels on "classic" pages of 6). Every workflow's prompt is checked equal to the one the in-process

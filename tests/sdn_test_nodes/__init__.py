@@ -3,8 +3,9 @@
 ``SDNTest_TinyCheckpoint`` stands in for CheckpointLoaderSimple: a MODEL with the real SD1.5 or SDXL block
 layout but small widths (fast on CPU), the real CLIP text encoders of that family and the real SD VAE, all
 with random weights. ``SDNTest_TinyTextEncoders`` stands in for DualCLIPLoader (type flux) on small CLIP-L and
-T5-XXL files (see tests/checkpoints.py ``write_random_flux_files``). Loaded by tests/conftest.py through
-ComfyUI's custom-node loader; never shipped.
+T5-XXL files (see tests/checkpoints.py ``write_random_flux_files``), ``SDNTest_TinyTextEncoder`` for CLIPLoader
+(type qwen_image) on a one-layer Qwen2.5-VL 7B file (``write_random_qwen_image_files``). Loaded by
+tests/conftest.py through ComfyUI's custom-node loader; never shipped.
 """
 import sys
 from pathlib import Path
@@ -64,9 +65,39 @@ class TinyTextEncoders(io.ComfyNode):
         return io.NodeOutput(clip)
 
 
+class TinyTextEncoder(io.ComfyNode):
+    """CLIPLoader (type qwen_image) for a small file: the same ComfyUI function as the stock node
+    (``load_text_encoder_state_dicts``, which detects Qwen2.5-VL 7B from the file's keys), plus ComfyUI's
+    per-encoder config override for its one layer (the stock node builds all 28 from ComfyUI's config class)."""
+
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        return io.Schema(
+            node_id="SDNTest_TinyTextEncoder", category="_for_testing",
+            inputs=[io.Combo.Input("clip_name", options=folder_paths.get_filename_list("text_encoders")),
+                    io.Combo.Input("type", options=["qwen_image"])],
+            outputs=[io.Clip.Output()])
+
+    @classmethod
+    def execute(cls, clip_name, type):
+        import comfy.sd
+        import comfy.utils
+        import folder_paths
+        from checkpoints import QWEN_IMAGE_TE
+
+        path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+        clip = comfy.sd.load_text_encoder_state_dicts(
+            [sd], embedding_directory=folder_paths.get_folder_paths("embeddings"),
+            clip_type=comfy.sd.CLIPType.QWEN_IMAGE, model_options={"qwen25_7b_model_config": dict(QWEN_IMAGE_TE)})
+        return io.NodeOutput(clip)
+
+
 class TestExtension(ComfyExtension):
     async def get_node_list(self):
-        return [TinyCheckpoint, TinyTextEncoders]
+        return [TinyCheckpoint, TinyTextEncoders, TinyTextEncoder]
 
 
 async def comfy_entrypoint():
