@@ -289,7 +289,7 @@ def _check_kind(reader: BankReader, family: Family | None, node: str) -> None:
     kind = "unet" if family is None else "dit"
     for bank in reader.banks:
         if bank.kind != kind:
-            recorded = "a DiT (Flux-family, Qwen-Image, NextDiT)" if bank.kind == "dit" else "a UNet (SD1.x/SD2.x/SDXL)"
+            recorded = "a DiT" if bank.kind == "dit" else "a UNet (SD1.x/SD2.x/SDXL)"
             model = "a UNet" if family is None else f"a DiT ({family.name})"
             raise BankMismatchError(f"{node}: character bank '{bank.name}' was recorded on {recorded}; this model is "
                                     f"{model}. Record the character with the model that reads it")
@@ -365,7 +365,7 @@ def _apply_dit_reading(model_patcher, family: Family, reader: BankReader, node: 
             raise BankMismatchError(f"{node}: a character bank holds block {name}, which this model does not "
                                     f"have: it was recorded with another architecture")
         layers[key] = layers.get(key, blocks[key].derived(shares=False)).derived(reader=reader, family=family)
-    options["optimized_attention_override"] = JointAttention(layers, previous)
+    options["optimized_attention_override"] = JointAttention(layers, previous, family.calls)
     _install(m, StoryAttention(spec.settings if spec is not None else None,
                                {layer.name: layer for layer in layers.values()}, reader=reader, family=family))
     return m
