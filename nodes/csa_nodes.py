@@ -1,7 +1,7 @@
 """SDN_ConsistentSelfAttention: patch a MODEL with StoryDiffusion's Consistent Self-Attention."""
 from comfy_api.latest import io
 
-from ..attention.dit import DIT_BLOCK_CHOICES
+from ..attention.dit import DIT_BLOCK_CHOICES, SUPPORTED
 from ..attention.patch import BLOCK_CHOICES, SCHEDULE_CHOICES, CSASettings, apply_csa
 from ..errors import NodeInputError
 
@@ -21,8 +21,7 @@ class ConsistentSelfAttention(io.ComfyNode):
             description=cls.__doc__,
             inputs=[
                 io.Model.Input("model", tooltip=(
-                    "SD1.x, SD2.x or SDXL model, or a DiT: Flux.1 (dev, schnell), Flux.2, Chroma (LoRAs and other "
-                    "patches are kept).")),
+                    f"SD1.x, SD2.x or SDXL model, or a DiT: {SUPPORTED} (LoRAs and other patches are kept).")),
                 io.Float.Input("sampling_rate_1_32", **_RATE, tooltip=(
                     "Share of another image's tokens each image sees, in layers at 1/32 of the image size "
                     "(and coarser). The reference app's sa32. 0 = plain self-attention, 1 = all tokens.")),
