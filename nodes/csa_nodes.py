@@ -26,9 +26,9 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "Share of another image's tokens each image sees, in layers at 1/32 of the image size "
                     "(and coarser). The reference app's sa32. 0 = plain self-attention, 1 = all tokens.")),
                 io.Float.Input("sampling_rate_1_16", **_RATE, tooltip=(
-                    "Same for layers at 1/16 of the image size (the reference app's sa64). DiT models (Flux, Chroma, "
-                    "Qwen-Image, Lumina2, Z-Image) have all their image tokens at 1/16 (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): "
-                    "this rate applies to every patched DiT block.")),
+                    "Same for layers at 1/16 of the image size (the reference app's sa64). DiT models have all their "
+                    "image tokens at 1/16 (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): this rate applies to every "
+                    "patched DiT block.")),
                 io.Float.Input("sampling_rate_1_8", **_RATE, tooltip=(
                     "Same for layers at 1/8 of the image size (SD1.x/SD2.x only; SDXL has none).")),
                 io.Int.Input("reference_count", default=0, min=0, max=64, tooltip=(
