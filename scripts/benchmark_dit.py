@@ -1,5 +1,5 @@
-"""Benchmark: CSA on the DiT families (Flux.1-dev, Flux.2, Chroma, Qwen-Image, Z-Image, Lumina2) beside the
-vanilla model, side by side.
+"""Benchmark: CSA on the DiT families (Flux.1-dev, Flux.2, Chroma, Qwen-Image, Z-Image, Lumina2, SD3 Medium,
+SD3.5 Large, SD3.5 Medium, HiDream) beside the vanilla model, side by side.
 
 B story images, cfg 1 (one model call of B rows, as Flux.1-dev runs), rate 0.5. Per family:
   layer   one joint attention of the real shapes (the family's width and heads, 512 text tokens and the image
@@ -11,13 +11,14 @@ Columns: x vanilla (best of --repeats; on the CPU the process's CPU seconds, all
 floor over vanilla of what was timed (the model's FLOPs counted on the meta device, plus every extra key scored
 once: 4 N M C per image query and patched block); full floor: the same for the full-size model at the same size
 (meta device); syncs/call: host syncs per model call (tests/host_syncs.py) on the same layout at small width
-(tests/models.py small_flux, small_qwen_image, small_nextdit), the vanilla model's own plus what the pack adds.
-The full-size models are the configurations ComfyUI's model detection sets (Flux.1-dev 12B, Flux.2-dev 32B,
-Chroma 9B, Qwen-Image 20B, Z-Image 6B, Lumina2 2.6B), random weights. On the CPU the step is timed at reduced
-width and depth (--width, --blocks: Flux-like double,single; the others, which have one kind of block, their
-sum; the output says which); on CUDA (--device cuda) the full models run at 1024 px.
-Usage: python scripts/benchmark_dit.py [--device cuda] [--families flux1,flux2,chroma,qwen_image,zimage,lumina2]
-       [--size 256]
+(tests/models.py small_flux, small_qwen_image, small_nextdit, small_sd3, small_hidream), the vanilla model's own
+plus what the pack adds. The full-size models are the configurations ComfyUI's model detection sets (Flux.1-dev
+12B, Flux.2-dev 32B, Chroma 9B, Qwen-Image 20B, Z-Image 6B, Lumina2 2.6B, SD3 Medium 2B, SD3.5 Large 8B, SD3.5
+Medium 2.5B, HiDream 17B), random weights. On the CPU the step is timed at reduced width and depth (--width,
+--blocks: Flux-like and HiDream double,single; the others, which have one kind of block, their sum; the output
+says which); on CUDA (--device cuda) the full models run at 1024 px.
+Usage: python scripts/benchmark_dit.py [--device cuda]
+       [--families flux1,flux2,chroma,qwen_image,zimage,lumina2,sd3,sd35l,sd35,hidream] [--size 256]
 """
 from __future__ import annotations
 
@@ -26,17 +27,23 @@ import gc
 import sys
 from dataclasses import dataclass
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from bench_common import DTYPES, best_of, csa_floors, start
 
-TEXT = 512  # text tokens: T5-XXL (Flux.1-dev, Chroma), Flux.2's padded Mistral prompt; a long Qwen/Gemma prompt
+TEXT = 512  # text tokens: T5-XXL (Flux.1-dev, Chroma, SD3), Flux.2's padded Mistral prompt; a long Qwen/Gemma prompt;
+# HiDream: T5 at its 128 and two streams of a 192-token llama prompt
 
 
 @dataclass(frozen=True)
 class Bench:
     """A benchmarked family: ``label``; ``cls``: its comfy.supported_models class; ``down``: pixels per latent pixel;
     ``full``: the full model's config as ComfyUI's model detection sets it (with the class defaults it relies on);
-    ``heads``, ``width``, ``text``: the config keys of the heads, the width (None: heads x ``head_dim``) and the
-    text width; ``depth``: the config keys of the block counts (Flux-like: double, single; else one kind)."""
+    ``heads``, ``width``: the config keys of the heads and the width (None: heads x ``head_dim``); ``text``,
+    ``pooled``: the config paths (a key, or a tuple of keys and indices) of the text width and the pooled vector's;
+    ``depth``: the config keys of the block counts (Flux-like, HiDream: double, single; else one kind); ``llama``:
+    HiDream's llama tokens (two streams of them follow its T5 tokens: TEXT in all); ``image_first``: the joint
+    sequence is [image, text]."""
 
     label: str
     cls: str
@@ -44,12 +51,33 @@ class Bench:
     full: dict
     width: str | None = "hidden_size"
     heads: str = "num_heads"
-    text: str = "context_in_dim"
+    text: str | tuple = "context_in_dim"
     depth: tuple = ("depth", "depth_single_blocks")
     head_dim: int = 128
+    pooled: str | tuple = "vec_in_dim"
+    llama: int = 0
+    image_first: bool = False
+
+
+def get(config: dict, path):
+    """``config[path]``, or along a tuple ``path`` of keys and indices (None where a key is missing)."""
+    for key in path if isinstance(path, tuple) else (path,):
+        config = config[key] if isinstance(key, int) else config.get(key)
+    return config
 
 
 NEXTDIT = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "qk_norm": True, "n_refiner_layers": 2}
+# MMDiT: width 64 x depth (= heads), one kind of joint block (num_blocks, default depth); text: T5-XXL's 4096 wide
+MMDIT = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "input_size": None, "adm_in_channels": 2048,
+         "num_patches": 192 * 192, "pos_embed_max_size": 192, "pos_embed_scaling_factor": None,
+         "x_block_self_attn_layers": []}
+MMDIT_KEYS = dict(width=None, heads="depth", text=("context_embedder_config", "params", "in_features"),
+                  depth=("num_blocks",), head_dim=64, pooled="adm_in_channels")
+
+
+def _embedder(width: int) -> dict:
+    return {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": width}}
+
 FAMILIES = {
     "flux1": Bench("Flux.1-dev", "Flux", 8, {
         "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "hidden_size": 3072,
@@ -79,20 +107,36 @@ FAMILIES = {
         "dim": 2304, "n_layers": 26, "n_heads": 24, "n_kv_heads": 8, "cap_feat_dim": 2304, "axes_dims": [32, 32, 32],
         "axes_lens": [300, 512, 512], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0}), "dim", "n_heads",
         "cap_feat_dim", ("n_layers",), head_dim=96),
+    "sd3": Bench("SD3 Medium", "SD3", 8, dict(MMDIT, depth=24, context_embedder_config=_embedder(1536)),
+                 **MMDIT_KEYS),
+    "sd35l": Bench("SD3.5 L", "SD3", 8, dict(MMDIT, depth=38, qk_norm="rms",
+                                                 context_embedder_config=_embedder(2432)), **MMDIT_KEYS),
+    "sd35": Bench("SD3.5 M", "SD3", 8, dict(MMDIT, depth=24, qk_norm="rms", x_block_self_attn_layers=list(range(13)),
+                                              pos_embed_max_size=384, num_patches=384 * 384,
+                                              context_embedder_config=_embedder(1536)), **MMDIT_KEYS),
+    "hidream": Bench("HiDream", "HiDream", 8, {
+        "image_model": "hidream", "attention_head_dim": 128, "axes_dims_rope": [64, 32, 32],
+        "caption_channels": [4096, 4096], "max_resolution": [128, 128], "in_channels": 16,
+        "llama_layers": list(range(32)) + [31] * 16, "num_attention_heads": 20, "num_routed_experts": 4,
+        "num_activated_experts": 2, "num_layers": 16, "num_single_layers": 32, "out_channels": 16, "patch_size": 2,
+        "text_emb_dim": 2048}, None, "num_attention_heads", ("caption_channels", -1),
+        ("num_layers", "num_single_layers"), pooled="text_emb_dim", llama=192, image_first=True),
 }
 
 
 def model_config(kind: str, width: int | None = None, blocks: tuple | None = None, dtype=None):
     """The comfy.supported_models config of ``kind`` (FAMILIES), full size, or at ``width`` and ``blocks`` when
     given: ``width`` rounded down to whole heads of the family's head width, in whole groups of its query heads per
-    key/value head (Lumina2: 3 of 96); ``blocks``: (double, single), their sum for a model of one kind of block."""
+    key/value head (Lumina2: 3 of 96); ``blocks``: (double, single), their sum for a model of one kind of block
+    (SD3.5 Medium keeps its attn2 in the blocks at the same relative depth; HiDream its first llama layers)."""
+    import copy
     import dataclasses
 
     import comfy.ldm.flux.model as flux
     import comfy.supported_models as sm
 
     bench = FAMILIES[kind]
-    config = dict(bench.full)
+    config = copy.deepcopy(bench.full)
     if width:
         group = bench.full[bench.heads] // bench.full.get("n_kv_heads", bench.full[bench.heads])
         heads = max(1, width // (bench.head_dim * group)) * group
@@ -100,10 +144,18 @@ def model_config(kind: str, width: int | None = None, blocks: tuple | None = Non
         config.update({key: heads * bench.head_dim for key in (bench.width, "out_dim") if key in bench.full})
         if "n_kv_heads" in config:
             config["n_kv_heads"] = heads // group
+        if "context_embedder_config" in config:  # MMDiT's text projection, into its width
+            config["context_embedder_config"]["params"]["out_features"] = heads * bench.head_dim
     if blocks:
         config.update(zip(bench.depth, blocks) if len(bench.depth) == 2 else {bench.depth[0]: sum(blocks)})
+        count, full = sum(blocks), bench.full.get("num_blocks", bench.full.get("depth"))
+        if config.get("x_block_self_attn_layers"):
+            config["x_block_self_attn_layers"] = [i for i in range(count) if i * full // count in
+                                                  bench.full["x_block_self_attn_layers"]]
+        if "llama_layers" in config:
+            config["llama_layers"] = config["llama_layers"][:count]
     fields = {f.name for f in dataclasses.fields(flux.FluxParams)}
-    if config["image_model"] in ("flux", "flux2") and "txt_ids_dims" in fields:
+    if config.get("image_model") in ("flux", "flux2") and "txt_ids_dims" in fields:
         config["txt_ids_dims"] = [3] if kind == "flux2" else []  # current ComfyUI's field, as its detection sets it
     if dtype is not None:
         config["dtype"] = dtype
@@ -118,23 +170,51 @@ def latent(config, rows: int, latent_hw) -> tuple:
 
 def meta_flops_per_row(pack, kind: str, config, latent_hw) -> tuple:
     """(FLOPs of one row through the diffusion model of ``config``, counted on the meta device; its
-    attention.dit.Family)."""
+    attention.dit.Family). HiDream's mixture of experts routes each token to ``num_activated_experts`` of its
+    experts, data-dependent: on the meta device every expert takes an equal share of the routed tokens, which
+    gives the exact total (expert FLOPs are linear in their tokens)."""
     import comfy.model_patcher
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = torch.device("meta")
     model = config.get_model({}, device=meta)
-    unet = config.unet_config
+    bench, unet = FAMILIES[kind], config.unet_config
     z = lambda *shape: torch.zeros(*shape, device=meta)  # noqa: E731
-    extra = {"lumina2": {"num_tokens": TEXT}, "qwen_image": {}}.get(unet["image_model"], {"guidance": z(1)})
-    if unet.get("vec_in_dim"):  # guidance: Chroma's forward requires it, Flux.1-dev reads it
-        extra["y"] = z(1, unet["vec_in_dim"])
-    with FlopCounterMode(display=False) as counter:
-        model.diffusion_model(z(*latent(config, 1, latent_hw)), z(1), z(1, TEXT, unet[FAMILIES[kind].text]),
+    extra = {"lumina2": {"num_tokens": TEXT}, "qwen_image": {}, "hidream": {}, None: {}  # None: MMDiT
+             }.get(unet.get("image_model"), {"guidance": z(1)})
+    if bench.llama:
+        extra["encoder_hidden_states_llama3"] = z(1, max(unet["llama_layers"]) + 1, bench.llama,
+                                                  unet["caption_channels"][0])
+    if get(unet, bench.pooled):  # guidance: Chroma's forward requires it, Flux.1-dev reads it
+        extra["y"] = z(1, get(unet, bench.pooled))
+    with FlopCounterMode(display=False) as counter, EqualExperts(1 / unet.get("num_routed_experts", 1)):
+        model.diffusion_model(z(*latent(config, 1, latent_hw)), z(1), context=z(1, TEXT - 2 * bench.llama,
+                                                                              get(unet, bench.text)),
                               transformer_options={}, **extra)
     family = pack("attention.dit").dit_family(comfy.model_patcher.ModelPatcher(model, meta, meta))
     return counter.get_total_flops(), family
+
+
+class EqualExperts(TorchDispatchMode):
+    """Boolean-mask indexing of meta tensors (a mixture of experts' routing): each mask selects ``share`` of its
+    elements; a masked write writes nothing."""
+
+    def __init__(self, share: float):
+        super().__init__()
+        self.share = share
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import torch
+
+        aten = torch.ops.aten
+        masks = [i for i in args[1] if i is not None and i.dtype == torch.bool and i.is_meta] if func in (
+            aten.index.Tensor, aten.index_put_.default) else []
+        if not masks:
+            return func(*args, **(kwargs or {}))
+        if func is aten.index.Tensor:
+            return args[0].new_empty((round(masks[0].numel() * self.share),) + args[0].shape[masks[0].ndim:])
+        return args[0]
 
 
 def step_fn(model, positive, latent_hw):
@@ -149,14 +229,19 @@ def step_fn(model, positive, latent_hw):
 
 
 def conds(kind: str, model, n: int, text: int = TEXT):
-    """``n`` rows of random conditioning in the model's text width, and a pooled vector (Flux.1 reads it; ComfyUI's
-    Flux conditioning asks every family of it for one; the others ignore it)."""
+    """``n`` rows of random conditioning of ``text`` tokens in the model's text width, and a pooled vector (Flux.1,
+    SD3 and HiDream read it; ComfyUI's Flux conditioning asks every family of it for one; the others ignore it);
+    HiDream: T5 tokens, then the llama hidden states of every layer it reads, as many tokens as TEXT shares."""
     import torch
 
-    unet = model.model.model_config.unet_config
+    bench, unet = FAMILIES[kind], model.model.model_config.unet_config
     gen = torch.Generator().manual_seed(n)
-    pooled = torch.randn(n, unet.get("vec_in_dim") or 768, generator=gen)
-    return [[torch.randn(n, text, unet[FAMILIES[kind].text], generator=gen), {"pooled_output": pooled}]]
+    llama = bench.llama * text // TEXT
+    extra = {"pooled_output": torch.randn(n, get(unet, bench.pooled) or 768, generator=gen)}
+    if llama:
+        extra["conditioning_llama3"] = torch.randn(n, max(unet["llama_layers"]) + 1, llama,
+                                                   unet["caption_channels"][0], generator=gen)
+    return [[torch.randn(n, text - 2 * llama, get(unet, bench.text), generator=gen), extra]]
 
 
 def modes(pack, model, images: int, refs: int, rate: float) -> dict:
@@ -192,7 +277,7 @@ def layer_rows(pack, kind: str, latent_hw, args, device, dtype, cuda: bool) -> l
     bench = FAMILIES[kind]
     heads, dim, b, r = bench.full[bench.heads], bench.head_dim, args.images, args.refs
     n_img = dit.Family("", {}, bench.full["patch_size"]).image_tokens(latent_hw)
-    span, n = (TEXT, TEXT + n_img), TEXT + n_img
+    span, n = (0, n_img) if bench.image_first else (TEXT, TEXT + n_img), TEXT + n_img
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b + r, heads, n, dim, generator=gen).to(device, dtype) for _ in range(3))
     attend = lambda q, k, v, mask: optimized_attention(q, k, v, heads, mask=mask, skip_reshape=True)  # noqa: E731
@@ -211,11 +296,13 @@ def layer_rows(pack, kind: str, latent_hw, args, device, dtype, cuda: bool) -> l
 def host_syncs(pack, kind: str, args) -> dict:
     """Host syncs per model call of every step mode, on the same layout at small width (two steps: two calls)."""
     from host_syncs import HostSyncs
-    from models import small_flux, small_nextdit, small_qwen_image
+    from models import small_flux, small_hidream, small_nextdit, small_qwen_image, small_sd3
     from sampling_helpers import record_chunks
 
     small = {"qwen_image": lambda: small_qwen_image(layers=4), "zimage": lambda: small_nextdit("zimage", layers=4),
-             "lumina2": lambda: small_nextdit("lumina2", layers=4)}
+             "lumina2": lambda: small_nextdit("lumina2", layers=4), "sd3": lambda: small_sd3("sd3", layers=4),
+             "sd35l": lambda: small_sd3("sd3", layers=4), "sd35": lambda: small_sd3("sd35", layers=4),
+             "hidream": lambda: small_hidream(double=2, single=2)}
     tiny = small.get(kind, lambda: small_flux(kind, depth=2, single=2))()
     out = {}
     for mode, (m, rows) in modes(pack, tiny, args.images, args.refs, args.rate).items():
@@ -254,8 +341,10 @@ def benchmark(pack, kind: str, args, device, dtype, cuda: bool) -> None:
         print(f"{tag} {'step':<5} {mode:<10} {times[mode] / times['vanilla']:>9.2f} {floor[mode]:>6.3f} "
               f"{full[mode]:>10.3f} {syncs[mode]:>10.1f}", flush=True)
     unet = reduced.unet_config
+    attn2 = len(unet.get("x_block_self_attn_layers") or ())  # SD3.5 Medium's image-only attentions, patched too
     layout = (f"{blocks['double']} double + {blocks['single']} single blocks" if len(bench.depth) == 2 else
-              f"{sum(blocks.values())} blocks ({blocks['single']} patched by default)")
+              f"{sum(blocks.values()) - attn2} blocks" + (f", {attn2} with an attn2" if attn2 else "") +
+              f" ({blocks['single']} attentions patched by default)")
     print(f"#   {bench.label} step timed at width {unet[bench.heads] * bench.head_dim}, {layout}; "
           f"vanilla {times['vanilla']:.3g} s", flush=True)
     del step_modes, model, inner
