@@ -51,12 +51,13 @@ def sample_dit(model, b, kind, cfg=1.0, steps=2, seed=0, size=6):
                                disable_pbar=True)
 
 
-def joint_oracle(text, blocks, refs=0, image=None, joint=None, layers=None):
+def joint_oracle(text, blocks, refs=0, image=None, joint=None, layers=None, partners=None):
     """Independent CSA at rate 1 in the joint attention of ``blocks`` ((block_type, index), ...): a loop over the
     images of every chunk building each image's keys (text + image of its own row; image queries also the image
     tokens of the other images, or of the references in reference mode). ``image``: the image tokens after the
     text (None: all the rest; padding after them attends to its own row). ``joint``, ``layers``: only calls over
-    ``joint`` tokens are blocks, the ``layers`` blocks of a model that names none, in order."""
+    ``joint`` tokens are blocks, the ``layers`` blocks of a model that names none, in order. ``partners(i, b)``:
+    the images image i shares with (a sliding window), default all others."""
     calls = itertools.count()
 
     def override(func, q, k, v, heads, *args, **kwargs):
@@ -67,11 +68,12 @@ def joint_oracle(text, blocks, refs=0, image=None, joint=None, layers=None):
         if block not in blocks or joint is not None and q.shape[2] != joint:
             return func(q, k, v, heads, *args, **kwargs)
         n = q.shape[2]
-        return per_image(q, k, v, len(opts["cond_or_uncond"]), (text, n if image is None else text + image), refs)
+        return per_image(q, k, v, len(opts["cond_or_uncond"]), (text, n if image is None else text + image), refs,
+                         partners)
     return override
 
 
-def per_image(q, k, v, chunks, span, refs=0):
+def per_image(q, k, v, chunks, span, refs=0, partners=None):
     """The oracle's attention on ``[rows, heads, N, D]``: a loop over the images of every chunk; the queries of the
     image tokens ``span`` of image i see its own row plus the ``span`` tokens of its partners (the other images, or
     the references in reference mode), every other query its own row. Returns ``[rows, N, heads * D]``."""
@@ -82,13 +84,15 @@ def per_image(q, k, v, chunks, span, refs=0):
     out = torch.empty(rows, n, h * d, dtype=q.dtype)
     for row in range(rows):
         chunk, i = divmod(row, b)
-        if refs and i < refs:
-            partners = [j for j in range(refs) if j != i]
+        if partners is not None:
+            seen = partners(i, b)
+        elif refs and i < refs:
+            seen = [j for j in range(refs) if j != i]
         elif refs:
-            partners = list(range(refs))
+            seen = list(range(refs))
         else:
-            partners = [j for j in range(b) if j != i]
-        others = [chunk * b + j for j in partners]
+            seen = [j for j in range(b) if j != i]
+        others = [chunk * b + j for j in seen]
         kk = torch.cat([flat(k[row])] + [flat(k[r])[s:e] for r in others])
         vv = torch.cat([flat(v[row])] + [flat(v[r])[s:e] for r in others])
         own = torch.cat((torch.arange(s), torch.arange(e, n)))
@@ -155,6 +159,17 @@ def test_cond_and_uncond_in_separate_calls_match_the_oracle(host, pack, kind, mo
     split = sample_dit(csa(pack, model, rate=0.5, seed=4), 3, kind, cfg=3.0)
     torch.testing.assert_close(split, joined, atol=1e-3, rtol=1e-3)
     assert (sample_dit(csa(pack, model, rate=0.5, seed=5), 3, kind, cfg=3.0) - joined).abs().max() > 1e-2  # draws act
+
+
+def test_sliding_window_matches_the_oracle(host, pack):
+    """tile_size 2 of 4 images: each image shares only with its window partner (the window centred on it,
+    shifted inward at the ends), written here from the definition."""
+    def window(i, b):  # 2 consecutive images: i with i + 1, the last one with the one before it
+        return [i + 1] if i + 1 < b else [i - 1]
+    model = small_dit("flux1")
+    got = sample_dit(csa(pack, model, tile_size=2), 4, "flux1", cfg=3.0)
+    close(got, sample_dit(with_override(model, joint_oracle(TEXT, ALL, partners=window)), 4, "flux1", cfg=3.0))
+    assert (got - sample_dit(csa(pack, model), 4, "flux1", cfg=3.0)).abs().max() > 1e-3  # not all-to-all
 
 
 def test_block_choice_patches_only_those_blocks(host, pack):
