@@ -75,7 +75,7 @@ class StoryPrompt(io.ComfyNode):
 
         parsed = dataclasses.replace(parse_story(story), style=style)
         parsed.styled_prompts()  # unknown style -> NodeInputError before any encoding
-        positive, neg = encode_story(clip, parsed, negative)
+        positive, neg, parsed = encode_story(clip, parsed, negative)
         return io.NodeOutput(positive, neg, len(parsed.panels), "\n".join(parsed.captions), parsed)
 
 

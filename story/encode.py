@@ -12,13 +12,14 @@ HiDream's four.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
 from ..errors import UnsupportedModelError
 from .parser import Story
 from .select import same_value
-from .styles import style_negative
+from .styles import STYLES, style_negative
 
 NODE = "SDN_StoryPrompt"
 
@@ -161,6 +162,111 @@ def encode_negative(clip, negative: str, style: str) -> list:
     return [[cond, out]]
 
 
-def encode_story(clip, story: Story, negative: str) -> tuple[list, list]:
-    """(positive per-panel CONDITIONING, negative CONDITIONING) for ``story`` with its ``style``."""
-    return encode_panels(clip, list(story.styled_prompts())), encode_negative(clip, negative, story.style)
+# Token-axis layout of the cond per tokenizer key set: parts in token order, each the keys whose token lists give
+# that part's positions (several keys: concatenated on channels, so they must agree). Only layouts where every
+# cond position is one token of a list: LLM encoders (Qwen-Image, Z-Image, Lumina2, Flux.2, HiDream) add chat
+# templates, drop or stack positions, and get no spans.
+_LAYOUTS = {frozenset("l"): (("l",),), frozenset("h"): (("h",),), frozenset("g"): (("g",),),
+            frozenset("gl"): (("l", "g"),), frozenset({"t5xxl"}): (("t5xxl",),),
+            frozenset({"l", "t5xxl"}): (("t5xxl",),),  # Flux.1: CLIP-L gives the pooled vector only
+            frozenset({"l", "g", "t5xxl"}): (("l", "g"), ("t5xxl",))}  # SD3: CLIP chunks, then T5 appended
+
+
+def _content(chunks: list) -> list[tuple]:
+    """``(token, position)`` of every text token (word id != 0: not start, end or padding) of one key's
+    ``tokenize(..., return_word_ids=True)`` chunks; position = index in the chunks laid end to end."""
+    out, offset = [], 0
+    for chunk in chunks:
+        out += [(item[0], offset + j) for j, item in enumerate(chunk) if item[2] != 0]
+        offset += len(chunk)
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):  # textual-inversion embedding vectors
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+def _common(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and _same(a[n][0], b[n][0]):
+        n += 1
+    return n
+
+
+def _ranges(positions: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted positions as contiguous ``(start, stop)`` runs."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return tuple(map(tuple, runs))
+
+
+def _mention_positions(clip, key: str, text: str, full: list, start: int, stop: int) -> list[int]:
+    """Positions of ``full`` (:func:`_content` of ``text``) holding ``text[start:stop]``: the tokens that the
+    prefixes ``text[:start]`` and ``text[:stop]`` do not tokenize alike with ``text`` decide the edges, so a
+    token that straddles an edge (a description glued to a word) counts as part of the description."""
+    first = _common(_content(clip.tokenize(text[:start], return_word_ids=True)[key]), full)
+    through = _content(clip.tokenize(text[:stop], return_word_ids=True)[key])
+    last = _common(through, full)
+    last += last < len(through)
+    return [pos for _, pos in full[first:last]]
+
+
+def story_spans(clip, story: Story, cond_length: int) -> tuple[dict, ...]:
+    """Per panel, ``{name: ((start, stop), ...)}``: where each mention of a character's description lies on the
+    token axis (dim 1) of the panel's row of :func:`encode_panels`' cond, for ``story``'s styled prompts.
+
+    Follows the tokenizer's own token lists (``clip.tokenize(text, return_word_ids=True)``): a position is
+    ``chunk index * chunk length + index in chunk`` (CLIP's 77-token chunks with their start/end tokens; T5's
+    one list), per family layout ``_LAYOUTS`` (SD1.x/SD2.x/SDXL, Flux.1, Chroma and other T5-only, SD3 with its
+    T5 part after the CLIP part). Appended padding (:func:`pad_panel_tokens`) moves no position. Returns one
+    empty dict per panel (and logs why) for any other encoder, or when the layout's length disagrees with
+    ``cond_length`` (the encoded token count), so no span can point at the wrong tokens.
+    """
+    none = tuple({} for _ in story.panels)
+    keys = frozenset(clip.tokenize(""))
+    parts = _LAYOUTS.get(keys)
+    model = clip.cond_stage_model
+    if parts and len(parts) > 1:  # SD3 drops the parts of missing encoders
+        parts = tuple(p for p in parts if any(getattr(model, f"clip_{k}" if k in "lg" else k, None) is not None
+                                              for k in p))
+    if not parts:
+        logging.info("%s: no character token spans for text encoder(s) %s", NODE, sorted(keys))
+        return none
+    shift = STYLES[story.style][0].index("{prompt}")
+    lists = [clip.tokenize(text, return_word_ids=True) for text in story.styled_prompts()]
+    lengths = [max(sum(map(len, t[part[0]])) for t in lists) for part in parts]  # after padding to the longest
+    if sum(lengths) != cond_length:
+        logging.warning("%s: no character token spans: the text encoder gives %d tokens, its token lists %d",
+                        NODE, cond_length, sum(lengths))
+        return none
+    out = []
+    for panel, tokens, text in zip(story.panels, lists, story.styled_prompts()):
+        spans: dict = {}
+        for name, start, stop in panel.mentions:
+            found, offset = [], 0
+            for part, length in zip(parts, lengths):
+                per_key = [_mention_positions(clip, k, text, _content(tokens[k]), shift + start, shift + stop)
+                           for k in part]
+                if any(p != per_key[0] for p in per_key[1:]):
+                    logging.warning("%s: no character token spans: %s tokenize the prompt differently", NODE, part)
+                    return none
+                found += [offset + p for p in per_key[0]]
+                offset += length
+            spans[name] = spans.get(name, ()) + _ranges(found)
+        out.append(spans)
+    return tuple(out)
+
+
+def encode_story(clip, story: Story, negative: str) -> tuple[list, list, Story]:
+    """(positive per-panel CONDITIONING, negative CONDITIONING, ``story`` with each panel's ``spans`` set by
+    :func:`story_spans`) for ``story`` with its ``style``."""
+    positive = encode_panels(clip, list(story.styled_prompts()))
+    spans = story_spans(clip, story, positive[0][0].shape[1])
+    panels = tuple(replace(p, spans=s) for p, s in zip(story.panels, spans))
+    return positive, encode_negative(clip, negative, story.style), replace(story, panels=panels)

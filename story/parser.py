@@ -42,6 +42,7 @@ NO_CHARACTER = "NC"
 _SEPARATOR = re.compile(r"^-{3,}$")
 _LEADING_NAME = re.compile(r"^\[([^\[\]#]*)\]\s*(.*)$")
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]")
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use marks around inserted descriptions, removed again
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class Panel:
     characters: names of the characters the panel names, in order of first appearance, each once.
     no_character: True when the panel carries ``[NC]``.
     source: the raw line.
+    mentions: ``(name, start, stop)`` per ``[Name]`` marker, in order: the character range ``prompt[start:stop]``
+        holding that character's description (empty when the line itself holds U+E000 or U+E001).
+    spans: ``{name: ((start, stop), ...)}``: positions on the token axis (dim 1) of this panel's row of
+        SDN_StoryPrompt's ``positive`` cond holding the name's description, one range per contiguous run (a
+        description cut by a 77-token CLIP chunk or named twice gives several). Set by SDN_StoryPrompt; empty
+        when parsed directly or when the text encoder's layout is unsupported (see story/encode.py).
     """
 
     index: int
@@ -64,6 +71,8 @@ class Panel:
     characters: tuple[str, ...]
     no_character: bool
     source: str
+    mentions: tuple = ()
+    spans: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -187,17 +196,39 @@ def _parse_panel(body: str, line_no: int, index: int, characters: dict, separate
         raise _error(line_no, f"[NC] together with character(s) {', '.join(map(repr, names))}",
                      "[NC] only on panels without a character")
 
+    mark = _OPEN not in text and _CLOSE not in text
+    order: list[str] = []
+
     def expand(m: re.Match) -> str:
         name = m.group(1).strip()
-        return "" if name == NO_CHARACTER else characters[name]
+        if name == NO_CHARACTER:
+            return ""
+        order.append(name)
+        return f"{_OPEN}{characters[name]}{_CLOSE}" if mark else characters[name]
 
-    prompt = _BRACKETED.sub(expand, text)
-    prompt = re.sub(r"\s+", " ", prompt).strip()
+    # descriptions are stripped and non-empty, so the marks never split a whitespace run
+    prompt = re.sub(r"\s+", " ", _BRACKETED.sub(expand, text)).strip()
+    prompt, mentions = _unmark(prompt, order) if mark else (prompt, ())
     if not prompt:
         raise _error(line_no, "the panel has no prompt text", "a panel description before the '#' caption")
     caption = re.sub(r"\[([^\[\]]*)\]", lambda m: m.group(1).strip() if m.group(1).strip() in characters else m.group(0), caption)
     return Panel(index=index, line=line_no, prompt=prompt, caption=caption.strip(), characters=tuple(names),
-                 no_character=no_char, source=body)
+                 no_character=no_char, source=body, mentions=mentions)
+
+
+def _unmark(marked: str, names: list[str]) -> tuple[str, tuple]:
+    """``marked`` without the description marks, and ``(name, start, stop)`` of each marked range."""
+    out, mentions, names = [], [], iter(names)
+    length = start = 0
+    for piece in re.split(f"([{_OPEN}{_CLOSE}])", marked):
+        if piece == _OPEN:
+            start = length
+        elif piece == _CLOSE:
+            mentions.append((next(names), start, length))
+        else:
+            out.append(piece)
+            length += len(piece)
+    return "".join(out), tuple(mentions)
 
 
 def parse_story(text: str) -> Story:
