@@ -13,5 +13,6 @@ class StoryDiffusionExtension(ComfyExtension):
         from .bank_nodes import NODES as bank
         from .motion_nodes import NODES as motion
         from .transition_nodes import NODES as transition
+        from .mask_nodes import NODES as masks
 
-        return [*csa, *story, *bank, *motion, *transition]
+        return [*csa, *story, *bank, *motion, *transition, *masks]

@@ -19,6 +19,8 @@ OUTPUTS = {
     "SDN_MergePanels": [("merged_images", "IMAGE"), ("captions", "STRING"), ("panel_count", "INT")],
     "SDN_RecordCharacterBank": [("recording_model", "MODEL"), ("recorder", "SDN_BANK_RECORDER")],
     "SDN_CharacterBank": [("bank", "SDN_BANK"), ("info", "STRING")],
+    "SDN_CharacterMasks": [("recording_model", "MODEL"), ("recorder", "SDN_MASK_RECORDER")],
+    "SDN_CharacterMaskImages": [("masks", "MASK"), ("labels", "STRING")],
     "SDN_SaveCharacterBank": [("path", "STRING")],
     "SDN_LoadCharacterBank": [("bank", "SDN_BANK"), ("info", "STRING")],
     "SDN_ReadCharacterBanks": [("_0_MODEL_", "MODEL")],

@@ -1,0 +1,257 @@
+"""Character masks from cross-attention (issue 10): where each panel's image attends to its characters' words.
+
+The mask of character c in image i is the attention probability of the image's tokens to c's span tokens
+(``Panel.spans``, positions on SDN_StoryPrompt's positive cond), computed from the attn2 query and keys like
+the attention itself (Prompt-to-Prompt, Hertz et al., arXiv 2208.01626; ConsiStory's subject masks, Tewel et
+al., arXiv 2402.03286):
+
+    p[i, n, c] = mean over heads and over the attn2 layers at 1/16 of the image (SD1.x/SD2.x: input 4, 5 and
+                 output 6, 7, 8; SDXL: input 4, 5 and output 3, 4, 5) of
+                 sum over t in span(c) of softmax_t(q[i, n] . k[i, t] / sqrt(d))
+
+with the softmax over ALL the call's text tokens, for the positive CFG half only (its first chunk), at the last
+step of the schedule. The 1/16 level is the most semantic one every SD UNet has attn2 at. Each (image,
+character) map is then min-max normalised to [0, 1]; a character the panel does not name (``[NC]`` panels
+included) gets an all-zero map. No extra UNet pass: the patch computes the probabilities next to the layer's own
+attention (whose output it leaves untouched) and keeps them as device tensors on the run; they are reduced and
+moved to the CPU once, when sampling ends.
+
+Per-call design as in context.py: an APPLY_MODEL wrapper (:class:`CharacterMasks`) decides once per model call
+whether it records (the step, the positive rows) and hands the layers a :class:`MaskCall` with the spans as a
+device tensor; an OUTER_SAMPLE wrapper makes the run's :class:`MaskRun` and publishes its masks into the
+:class:`MaskRecorder` (the node output) when sampling ends.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import StoryDiffusionError
+from .patch import attention_blocks
+
+NODE = "SDN_CharacterMasks"
+WRAPPER = "sdn_character_masks"  # key of the wrappers; transformer_options key of the MaskRun / MaskCall
+CALL = "sdn_character_masks_call"
+FACTOR = 16  # image-level downsampling of the layers the masks come from
+
+
+@dataclass(eq=False)
+class MaskRecorder:
+    """The ``SDN_MASK_RECORDER`` payload, filled by each finished sampling run of its model (the last run wins).
+
+    ``names``: the story's characters (mask columns); ``spans[panel]``: ``{name: ((start, stop), ...)}`` from
+    the story. After a run: ``masks`` float32 ``(panels, characters, h, w)`` on the CPU at the 1/16 level of the
+    latent (``h = ceil(ceil(H / 2))``, likewise w), values in [0, 1]; ``latent_hw``: the run's latent size.
+    """
+
+    names: tuple
+    spans: tuple
+    masks: torch.Tensor | None = None
+    latent_hw: tuple = ()
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies options: keep one recorder
+        return self
+
+    def labels(self) -> list[str]:
+        """Row r of :meth:`stacked` is panel ``r // characters``, character ``names[r % characters]``."""
+        return [f"{p * len(self.names) + c}: panel {p + 1}, {name}"
+                for p in range(len(self.spans)) for c, name in enumerate(self.names)]
+
+    def stacked(self, size: tuple) -> torch.Tensor:
+        """MASK ``(panels x characters, *size)`` float32: the masks upsampled (bilinear) to ``size`` (height, width),
+        row ``panel * characters + character``. StoryDiffusionError when nothing was recorded yet."""
+        if self.masks is None:
+            raise StoryDiffusionError(f"{NODE}: no masks were recorded: sample the panels with its model first")
+        m = self.masks.flatten(0, 1)[:, None]
+        return torch.nn.functional.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+@dataclass(frozen=True)
+class MaskCall:
+    """What the mask layers of one recording model call look up: ``rows``: the slice of the positive chunk's
+    rows; ``columns`` float32 ``(images, T, characters)`` on the compute device, 1 where call token t is in the
+    character's span of the image's panel; ``store[layer]``: the run's per-layer probabilities."""
+
+    rows: slice
+    columns: torch.Tensor
+    store: dict
+
+
+@dataclass(eq=False)
+class MaskRun:
+    """One sampling run: ``last``: the schedule's last step; ``length``: the positive cond's token count (the spans'
+    axis); ``store[layer]``: the latest ``(images, N, characters)`` probabilities of that layer at the last step."""
+
+    recorder: MaskRecorder
+    schedule: list
+    images: int
+    length: int
+    device: torch.device
+    store: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)
+
+    def describe(self, options: dict, rows: int, tokens: int, sigma: float) -> MaskCall | None:
+        """The call's :class:`MaskCall`, or None when it does not record (not the last step, no positive chunk,
+        rows that are not the whole batch per chunk). StoryDiffusionError for a context window or a call whose
+        ``tokens`` are not a multiple of the positive cond's."""
+        step = min(range(len(self.schedule) - 1), key=lambda i: abs(self.schedule[i] - sigma))
+        chunks = [int(c) for c in options.get("cond_or_uncond") or (0,)]
+        if step != len(self.schedule) - 2 or 0 not in chunks or rows != len(chunks) * self.images:
+            return None
+        if options.get("context_window") is not None or isinstance(options.get("ad_params"), dict):
+            raise StoryDiffusionError(f"{NODE}: character masks do not support context windows: sample the panels "
+                                      f"in one batch")
+        if tokens % self.length:
+            raise StoryDiffusionError(f"{NODE}: a model call has {tokens} text tokens, not a multiple of the positive "
+                                      f"conditioning's {self.length}: the story's token spans do not apply")
+        g = chunks.index(0)
+        columns = self.columns.get(tokens)
+        if columns is None:  # ComfyUI repeats a cond to the batch's common length: every copy counts
+            columns = self.columns[tokens] = _span_columns(self.recorder, self.images, tokens, self.length) \
+                .to(self.device, non_blocking=True)
+        return MaskCall(slice(g * self.images, (g + 1) * self.images), columns, self.store)
+
+    def finish(self, latent_hw: tuple) -> None:
+        """Average the layers, min-max normalise each (image, character) map, publish to the recorder (one move
+        to the CPU)."""
+        if not self.store:
+            raise StoryDiffusionError(f"{NODE}: no mask was recorded: the last step did not call the model with the "
+                                      f"positive conditioning")
+        h, w = latent_hw
+        for _ in range(FACTOR.bit_length() - 4):
+            h, w = -(-h // 2), -(-w // 2)
+        p = torch.stack(list(self.store.values())).mean(0)  # (images, N, characters)
+        lo, hi = p.amin(1, keepdim=True), p.amax(1, keepdim=True)
+        span = hi - lo
+        p = torch.where(span > 0, (p - lo) / span.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(p))
+        self.recorder.masks = p.reshape(self.images, h, w, -1).permute(0, 3, 1, 2).contiguous().cpu()
+        self.recorder.latent_hw = tuple(latent_hw)
+
+
+def _span_columns(recorder: MaskRecorder, images: int, tokens: int, length: int) -> torch.Tensor:
+    """``(images, tokens, characters)`` float32: 1 where token t (mod ``length``) is in the character's span of
+    image i's panel, 0 elsewhere and for characters the panel does not name."""
+    out = torch.zeros(images, length, len(recorder.names))
+    for i in range(images):
+        for c, name in enumerate(recorder.names):
+            for start, stop in recorder.spans[i].get(name, ()):
+                out[i, start:stop, c] = 1.0
+    return out.repeat(1, tokens // length, 1)
+
+
+def span_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int, columns: torch.Tensor) -> torch.Tensor:
+    """``(images, N, characters)`` float32: per image token, the attention probability (softmax over all T text
+    tokens, scale 1/sqrt(d)) summed over each character's span and averaged over the ``heads``. ``q``
+    ``(images, N, heads * d)``, ``k`` ``(images, T, heads * d)``, ``columns`` ``(images, T, characters)``."""
+    b, n, inner = q.shape
+    d = inner // heads
+    qh = q.float().reshape(b, n, heads, d).transpose(1, 2)
+    kh = k.float().reshape(b, k.shape[1], heads, d).transpose(1, 2)
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (b, heads, N, T)
+    return (probs @ columns[:, None]).mean(1)
+
+
+class MaskAttn2:
+    """attn2 replace patch of one 1/16-level block: the layer's attention (a previous attn2 replace, chained, or
+    ComfyUI's own), unchanged, plus the span probabilities of the positive rows when the call records."""
+
+    def __init__(self, name: tuple, base=None):
+        self.name, self.base = name, base
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, device_or_dtype):
+        return MaskAttn2(self.name, self.base.to(device_or_dtype) if hasattr(self.base, "to") else self.base)
+
+    def models(self) -> list:
+        return self.base.models() if hasattr(self.base, "models") else []
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        heads = extra_options["n_heads"]
+        if self.base is not None:
+            out = self.base(q, k, v, extra_options)
+        else:
+            out = optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                      transformer_options=extra_options)
+        call = extra_options.get(CALL)
+        if call is not None and q.shape[0] == extra_options["original_shape"][0]:
+            call.store[self.name] = span_probabilities(q[call.rows], k[call.rows], heads, call.columns)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class CharacterMasks:
+    """APPLY_MODEL (``__call__``) and OUTER_SAMPLE (:meth:`outer_sample`) wrappers of a mask-recording model."""
+
+    recorder: MaskRecorder
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        options = transformer_options or {}
+        run = options.get(WRAPPER)
+        if run is None or run.recorder is not self.recorder:
+            raise StoryDiffusionError(f"{NODE}: the model was called outside a run of ComfyUI's sampler (its "
+                                      f"OUTER_SAMPLE wrapper did not run)")
+        call = run.describe(options, x.shape[0], c_crossattn.shape[1], float(t.max()))  # the call's one host read
+        if call is not None:
+            options = {**options, CALL: call}
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        guider = executor.class_obj
+        lengths = {c["cross_attn"].shape[1] for c in (guider.conds or {}).get("positive", [])
+                   if c.get("cross_attn") is not None}
+        if len(lengths) != 1:
+            raise StoryDiffusionError(f"{NODE}: expected one positive conditioning (SDN_StoryPrompt's), got "
+                                      f"{len(lengths)} token lengths {sorted(lengths)}")
+        length = lengths.pop()
+        panels, images = len(self.recorder.spans), noise.shape[0]
+        if images != panels:
+            raise StoryDiffusionError(f"{NODE}: the story has {panels} panels but the latent batch has {images} "
+                                      f"images: use the story's panel_count as the batch size")
+        stop = max((b for spans in self.recorder.spans for runs in spans.values() for _, b in runs), default=0)
+        if stop > length:
+            raise StoryDiffusionError(f"{NODE}: the story's token spans reach token {stop}, but the positive "
+                                      f"conditioning has {length}: connect the conditioning of the same SDN_StoryPrompt")
+        if len(sigmas) < 2:
+            raise StoryDiffusionError(f"{NODE}: needs a sampler that sets sample_sigmas (every stock KSampler does)")
+        options = guider.model_options
+        run = MaskRun(self.recorder, sigmas.tolist(), images, length, guider.model_patcher.load_device)
+        options["transformer_options"] = {**options.get("transformer_options", {}), WRAPPER: run}
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        run.finish(tuple(noise.shape[-2:]))
+        return out
+
+
+def apply_masks(model_patcher, story):
+    """A clone of ``model_patcher`` that records character masks of ``story`` (a story.parser.Story with token
+    spans) into a new :class:`MaskRecorder`; returns ``(model, recorder)``. Every 1/16-level attn2 block gets a
+    :class:`MaskAttn2` chaining the attn2 replace already there. Raises UnsupportedModelError (naming
+    SDN_CharacterMasks) for DiTs and video UNets."""
+    import comfy.patcher_extension as ext
+
+    blocks = [key for key, factor in attention_blocks(model_patcher, NODE).items() if factor == FACTOR]
+    recorder = MaskRecorder(tuple(story.characters), tuple(dict(p.spans) for p in story.panels))
+    m = model_patcher.clone()
+    existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for key in blocks:
+        base = existing.get(key, existing.get(key[:2]))
+        if isinstance(base, MaskAttn2):  # masks applied twice: the new recorder replaces the old one
+            base = base.base
+        m.set_model_attn2_replace(MaskAttn2(key, base), *key)
+    spec = CharacterMasks(recorder)
+    for kind, wrapper in ((ext.WrappersMP.APPLY_MODEL, spec), (ext.WrappersMP.OUTER_SAMPLE, spec.outer_sample)):
+        m.remove_wrappers_with_key(kind, WRAPPER)
+        m.add_wrapper_with_key(kind, WRAPPER, wrapper)
+    return m, recorder
+
+
+__all__ = ["MaskRecorder", "MaskAttn2", "CharacterMasks", "apply_masks", "span_probabilities", "FACTOR"]

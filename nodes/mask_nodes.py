@@ -1,0 +1,66 @@
+"""Character masks (issue 10): a model that records where each panel's image attends to its characters' words,
+and the masks as a MASK output. Logic lives in attention/masks.py."""
+from comfy_api.latest import io
+
+from ..attention.masks import apply_masks
+from ..errors import NodeInputError
+from .types import MASK_RECORDER, STORY
+
+
+class CharacterMasks(io.ComfyNode):
+    """A MODEL that records each panel's character masks from its cross-attention while the panels are sampled."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SDN_CharacterMasks", display_name="Character Masks (StoryDiffusion)",
+            category="StoryDiffusion/characters", description=cls.__doc__,
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x/SD2.x/SDXL model (CSA, IP-Adapter and other patches are kept)."),
+                STORY.Input("story", tooltip=(
+                    "SDN_StoryPrompt's story output: its panels' character token spans. Sample its positive "
+                    "conditioning, one image per panel.")),
+            ],
+            outputs=[io.Model.Output("recording_model", display_name="recording model",
+                                    tooltip="Sample the panels with this model."),
+                     MASK_RECORDER.Output("recorder", display_name="recorder",
+                                          tooltip="Connect to Character Mask Images together with the samples.")])
+
+    @classmethod
+    def execute(cls, model, story):
+        if not any(p.spans for p in story.panels):
+            raise NodeInputError("SDN_CharacterMasks", "story", "the story output of SDN_StoryPrompt, whose panels "
+                                 "hold their characters' token spans", got="a story without token spans")
+        return io.NodeOutput(*apply_masks(model, story))
+
+
+class MaskImages(io.ComfyNode):
+    """The recorded character masks as a MASK: one row per panel and character, with a label per row."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SDN_CharacterMaskImages", display_name="Character Mask Images (StoryDiffusion)",
+            category="StoryDiffusion/characters", description=cls.__doc__,
+            inputs=[
+                MASK_RECORDER.Input("recorder", tooltip="From Character Masks."),
+                io.Latent.Input("samples", tooltip=(
+                    "The KSampler's output with Character Masks' model: connecting it makes this node wait for "
+                    "that sampling; the masks get 8 x its latent size.")),
+            ],
+            outputs=[io.Mask.Output("masks", display_name="masks", tooltip=(
+                         "panels x characters masks in [0, 1], row = panel x characters + character; all zeros where "
+                         "a panel does not name the character.")),
+                     io.String.Output("labels", display_name="labels", tooltip="Which panel and character each row is.")])
+
+    @classmethod
+    def execute(cls, recorder, samples):
+        latent = samples["samples"]
+        if recorder.masks is not None and tuple(latent.shape[-2:]) != recorder.latent_hw:
+            raise NodeInputError("SDN_CharacterMaskImages", "samples", f"the latents sampled with Character Masks' "
+                                 f"model (latent size {recorder.latent_hw})", got=f"{tuple(latent.shape[-2:])}")
+        h, w = latent.shape[-2:]
+        return io.NodeOutput(recorder.stacked((8 * h, 8 * w)), "\n".join(recorder.labels()))
+
+
+NODES = [CharacterMasks, MaskImages]
