@@ -243,19 +243,8 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"CSA: q {tuple(q.shape)} / k {tuple(k.shape)} with image tokens {s}:{e} do not fit a plan "
                          f"for {b} images x {plan.num_tokens} tokens")
     g = rows // b
-    if mask is not None:  # ComfyUI's convention: [Nq, Nk] for all rows, [rows, Nq, Nk] (Qwen-Image's text padding)
-        mask = mask.unsqueeze(1) if mask.ndim == 3 else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
-    rest = [(0, s)] + ([(e, n)] if e < n else [])
-    out = None
-    if s > 0 or e < n:  # text and appended tokens: their own row only
-        pick = (lambda t: t[:, :, :s]) if e == n else (lambda t: torch.cat([t[:, :, a:z] for a, z in rest], 2))
-        plain = attention_fn(pick(q), k, v, mask if mask is None or mask.shape[2] == 1 else pick(mask))
-        shape = list(plain.shape)
-        shape[token_dim] = n
-        out, done = plain.new_empty(shape), 0
-        for a, z in rest:
-            out.narrow(token_dim, a, z - a).copy_(plain.narrow(token_dim, done, z - a))
-            done += z - a
+    mask = joint_mask(mask)
+    out = attend_outside(q, k, v, image_span, attention_fn, mask, token_dim)
     q5, k5, v5 = (t.reshape(g, b, h, n, d) for t in (q, k, v))
     r = plan.ref_count
     parts = ((slice(0, b), plan.all_idx),) if r == 0 else ((slice(0, r), plan.ref_idx), (slice(r, b), plan.story_idx))
@@ -265,10 +254,7 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         count = kk.shape[0] // g
         part_mask = None if mask is None else _image_mask(mask, g, b, images, s, e, idx.shape[1])
         res = attention_fn(q5[:, images, :, s:e].reshape(g * count, h, e - s, d), kk, vv, part_mask)
-        if out is None:
-            shape = list(res.shape)
-            shape[0], shape[token_dim] = rows, n
-            out = res.new_empty(shape)
+        out = joint_output(res, rows, n, token_dim) if out is None else out
         out.reshape(g, b, *out.shape[1:])[:, images].narrow(token_dim + 1, s, e - s).copy_(
             res.reshape(g, count, *res.shape[1:]))
     return out
@@ -289,7 +275,47 @@ def _image_mask(mask: torch.Tensor, g: int, b: int, images: slice, s: int, e: in
     """The 4-D ``mask`` for the image queries of rows ``images`` of every chunk, with ``extra`` visible keys."""
     if mask.shape[0] != 1:
         mask = mask.reshape(g, b, *mask.shape[1:])[:, images].reshape(-1, *mask.shape[1:])
+    return image_query_mask(mask, s, e, extra)
+
+
+def joint_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """ComfyUI's attention mask layouts (``[Nq, Nk]`` for all rows, ``[rows, Nq, Nk]`` as Qwen-Image's text
+    padding, or 4-D) as 4-D ``[rows or 1, heads or 1, Nq or 1, Nk]``; None stays None."""
+    if mask is None:
+        return None
+    return mask.unsqueeze(1) if mask.ndim == 3 else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+
+
+def image_query_mask(mask: torch.Tensor, s: int, e: int, extra: int) -> torch.Tensor:
+    """A 4-D :func:`joint_mask` (its rows already those of the queries) for the image queries ``s:e``, with
+    ``extra`` keys appended that every query sees."""
     if mask.shape[2] != 1:
         mask = mask[:, :, s:e]
     visible = torch.ones if mask.dtype == torch.bool else torch.zeros
     return torch.cat((mask, visible(*mask.shape[:3], extra, dtype=mask.dtype, device=mask.device)), -1)
+
+
+def joint_output(part: torch.Tensor, rows: int, n: int, token_dim: int) -> torch.Tensor:
+    """An empty output for ``rows`` rows of ``n`` query tokens shaped like an attention result ``part``."""
+    shape = list(part.shape)
+    shape[0], shape[token_dim] = rows, n
+    return part.new_empty(shape)
+
+
+def attend_outside(q, k, v, image_span: tuple[int, int], attention_fn, mask, token_dim: int) -> torch.Tensor | None:
+    """The joint attention of every query OUTSIDE ``image_span`` (text, appended reference or padding tokens) over
+    its own row only, in one call, written into an output for the whole sequence (its image part left to fill);
+    None when the image tokens are the whole sequence. Arguments as :func:`joint_consistent_attention`, ``mask``
+    already 4-D (:func:`joint_mask`)."""
+    n = q.shape[2]
+    s, e = image_span
+    if s == 0 and e == n:
+        return None
+    rest = [(0, s)] + ([(e, n)] if e < n else [])
+    pick = (lambda t: t[:, :, :s]) if e == n else (lambda t: torch.cat([t[:, :, a:z] for a, z in rest], 2))
+    plain = attention_fn(pick(q), k, v, mask if mask is None or mask.shape[2] == 1 else pick(mask))
+    out, done = joint_output(plain, q.shape[0], n, token_dim), 0
+    for a, z in rest:
+        out.narrow(token_dim, a, z - a).copy_(plain.narrow(token_dim, done, z - a))
+        done += z - a
+    return out

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .context import CONTEXT, NODE, Call
-from .csa import joint_consistent_attention
+from .csa import attend_outside, image_query_mask, joint_consistent_attention, joint_mask, joint_output
 
 FACTOR = 16  # image-level downsampling of every DiT image token
 # The node's dit_blocks choices, by stage: "single" = the later blocks, "double" = the early ones.
@@ -281,8 +281,7 @@ def read(q, k, v, ctx: Call, layer: JointLayer, attend, mask, token_dim: int):
     rows, h, n, d = q.shape
     tokens = layer.family.image_tokens(ctx.latent_hw)
     s, e = _span(q, ctx, layer, tokens)
-    if mask is not None:  # ComfyUI's mask layouts as 4-D [rows or 1, heads or 1, Nq or 1, N]
-        mask = mask.unsqueeze(1) if mask.ndim == 3 else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    mask = joint_mask(mask)
     level = ctx.level(layer) if reading.share else None
     shared = None
     if level is not None and level.plan.per_source:  # [rows, heads, S, D] of each row's CSA tokens
@@ -290,30 +289,17 @@ def read(q, k, v, ctx: Call, layer: JointLayer, attend, mask, token_dim: int):
         source, token = idx // tokens, s + idx % tokens
         shared = tuple(x.reshape(-1, ctx.images, h, n, d)[:, source, :, token].permute(2, 0, 3, 1, 4)
                        .reshape(rows, h, -1, d) for x in (k, v))
-    text = [(0, s)] + ([(e, n)] if e < n else [])
-    picked = torch.cat([q[:, :, a:z] for a, z in text], 2)
-    plain = attend(picked, k, v, mask if mask is None or mask.shape[2] == 1 else
-                   torch.cat([mask[:, :, a:z] for a, z in text], 2))
-    shape = list(plain.shape)
-    shape[token_dim] = n
-    out, done = plain.new_empty(shape), 0
-    for a, z in text:
-        out.narrow(token_dim, a, z - a).copy_(plain.narrow(token_dim, done, z - a))
-        done += z - a
-    image_out = out.narrow(token_dim, s, e - s)
+    out = attend_outside(q, k, v, (s, e), attend, mask, token_dim)
     for group in reading.groups[layer.name]:
         extra = group.extra // 2
         banks = [(span, _bank(reading, keys, layer.name, h, q.dtype)) for span, keys in group.parts if keys]
         kk, vv = (_keys(x, group, [(span, kv[i]) for span, kv in banks], extra, None if shared is None else shared[i])
                   for i, x in enumerate((k, v)))
-        part_mask = None
-        if mask is not None:
-            part_mask = mask if mask.shape[0] == 1 else mask[group.rows]
-            part_mask = part_mask if part_mask.shape[2] == 1 else part_mask[:, :, s:e]
-            visible = torch.ones if mask.dtype == torch.bool else torch.zeros
-            part_mask = torch.cat((part_mask, visible(*part_mask.shape[:3], kk.shape[2] - n, dtype=mask.dtype,
-                                                      device=mask.device)), -1)
-        image_out[group.rows] = attend(q[group.rows][:, :, s:e], kk, vv, part_mask)
+        part_mask = None if mask is None else image_query_mask(
+            mask if mask.shape[0] == 1 else mask[group.rows], s, e, kk.shape[2] - n)
+        res = attend(q[group.rows][:, :, s:e], kk, vv, part_mask)
+        out = joint_output(res, rows, n, token_dim) if out is None else out
+        out.narrow(token_dim, s, e - s)[group.rows] = res
     return out
 
 
