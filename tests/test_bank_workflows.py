@@ -43,13 +43,28 @@ def prepare(host, name, kind):
     wf, api = load_api(host, name)
     (loader,) = by_type(api, "CheckpointLoaderSimple")
     api[loader] = {"class_type": "SDNTest_TinyCheckpoint", "inputs": {"kind": kind, "seed": 0}}
-    for nid in by_type(api, "EmptyLatentImage") + by_type(api, "SDN_StoryBatches"):
-        api[nid]["inputs"].update(width=SIZE, height=SIZE)
+    return wf, shrink(api)
+
+
+def shrink(api, steps=STEPS):
+    """Every latent source at SIZE px, every KSampler at ``steps``, the comic pages at PAGE px (for the CPU)."""
+    for kind in ("EmptyLatentImage", "EmptySD3LatentImage", "SDN_StoryBatches"):
+        for nid in by_type(api, kind):
+            api[nid]["inputs"].update(width=SIZE, height=SIZE)
     for nid in by_type(api, "KSampler"):
-        api[nid]["inputs"]["steps"] = STEPS
+        api[nid]["inputs"]["steps"] = steps
     (layout,) = by_type(api, "SDN_ComicLayout")
     api[layout]["inputs"].update(page_width=PAGE, page_height=PAGE)
-    return wf, api
+    return api
+
+
+def stock_model_files(api, files):
+    """The stock UNETLoader and VAELoader of a DiT graph read the test's files (``files["unet"]``, ``["vae"]``)."""
+    (unet,) = by_type(api, "UNETLoader")
+    api[unet]["inputs"]["unet_name"] = files["unet"]
+    (vae,) = by_type(api, "VAELoader")
+    api[vae]["inputs"]["vae_name"] = files["vae"]
+    return api
 
 
 def items(result, nid, index):

@@ -10,7 +10,7 @@ everything else is the shipped graph. Z-Image is not used here: ComfyUI 0.3.75 d
 """
 import torch
 
-from test_bank_workflows import PAGE, SIZE, by_type, check_pages, load_api
+from test_bank_workflows import SIZE, by_type, check_pages, load_api, shrink, stock_model_files
 
 STEPS = 1  # CSA runs at every step; one shows it (a full-width Qwen-Image step is seconds on a CPU)
 
@@ -21,17 +21,7 @@ def prepare(host, name, files):
     assert api[loader]["inputs"]["type"] == "qwen_image"
     api[loader] = {"class_type": "SDNTest_TinyTextEncoder",
                    "inputs": {"clip_name": files["clip"], "type": "qwen_image"}}
-    (unet,) = by_type(api, "UNETLoader")
-    api[unet]["inputs"]["unet_name"] = files["unet"]
-    (vae,) = by_type(api, "VAELoader")
-    api[vae]["inputs"]["vae_name"] = files["vae"]
-    (latent,) = by_type(api, "EmptySD3LatentImage")
-    api[latent]["inputs"].update(width=SIZE, height=SIZE)
-    (sampler,) = by_type(api, "KSampler")
-    api[sampler]["inputs"]["steps"] = STEPS
-    (layout,) = by_type(api, "SDN_ComicLayout")
-    api[layout]["inputs"].update(page_width=PAGE, page_height=PAGE)
-    return wf, api
+    return wf, shrink(stock_model_files(api, files), STEPS)
 
 
 def test_comic_qwen_image_through_the_stock_loaders(host, pack, qwen_image_files):

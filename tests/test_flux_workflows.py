@@ -9,7 +9,7 @@ order) are written here from the story text, not taken from the code under test.
 """
 import torch
 
-from test_bank_workflows import PAGE, SIZE, STEPS, by_type, check_pages, items, load_api
+from test_bank_workflows import SIZE, by_type, check_pages, items, load_api, shrink, stock_model_files
 
 
 def prepare(host, name, files):
@@ -18,17 +18,7 @@ def prepare(host, name, files):
     assert api[loader]["inputs"]["type"] == "flux"
     api[loader] = {"class_type": "SDNTest_TinyTextEncoders",
                    "inputs": {"clip_name1": files["clip_l"], "clip_name2": files["t5xxl"], "type": "flux"}}
-    (unet,) = by_type(api, "UNETLoader")
-    api[unet]["inputs"]["unet_name"] = files["unet"]
-    (vae,) = by_type(api, "VAELoader")
-    api[vae]["inputs"]["vae_name"] = files["vae"]
-    for nid in by_type(api, "EmptySD3LatentImage") + by_type(api, "SDN_StoryBatches"):
-        api[nid]["inputs"].update(width=SIZE, height=SIZE)
-    (sampler,) = by_type(api, "KSampler")
-    api[sampler]["inputs"]["steps"] = STEPS
-    (layout,) = by_type(api, "SDN_ComicLayout")
-    api[layout]["inputs"].update(page_width=PAGE, page_height=PAGE)
-    return wf, api
+    return wf, shrink(stock_model_files(api, files))
 
 
 def check_sampler(pack, result, api, reference_count):
