@@ -58,3 +58,21 @@ def qwen_image_files(host):
     from checkpoints import write_random_qwen_image_files
 
     return write_random_qwen_image_files(host)
+
+
+# Small UNets of the real SD1.5 / SDXL layouts, weights at scale 0.05: every attention layer visibly moves the
+# sampled latents, so a wrong grouping, a layer with the wrong rate, CSA switched off or the wrong bank tokens
+# fail the 2e-4 oracle tolerance (at 0.02 they stayed inside it; at 0.1 float noise grows past it). Patching
+# clones them, so one instance serves every test.
+@pytest.fixture(scope="session")
+def sd15(host):
+    from models import small_unet
+
+    return small_unet("sd15", scale=0.05)
+
+
+@pytest.fixture(scope="session")
+def sdxl(host):
+    from models import small_unet
+
+    return small_unet("sdxl", scale=0.05)

@@ -6,18 +6,7 @@ import pytest
 import torch
 
 from host_syncs import syncs_per_call
-from models import small_unet
 from sampling_helpers import csa_model
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return small_unet("sdxl", scale=0.05)
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return small_unet("sd15", scale=0.05)
 
 
 # The patched layers: 70 in SDXL's encoder, middle and decoder. A sync per layer call would add 70 per model call;

@@ -7,25 +7,12 @@ references. The pack's patch must match it for every way ComfyUI can batch rows.
 import pytest
 import torch
 
-from models import small_unet
 
 
 from sampling_helpers import close, csa_model, mha_batch, oracle, record_chunks, sample, with_oracle
 
 
-# Weights at scale 0.05: every attention layer visibly moves the sampled latents, so a wrong grouping, a layer
-# with the wrong rate or CSA switched off fails the 2e-4 oracle tolerance (at 0.02 they stayed inside it; at 0.1
-# float noise grows past it).
-@pytest.fixture(scope="module")
-def sd15():
-    return small_unet("sd15", scale=0.05)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return small_unet("sdxl", scale=0.05)
-
-
+# sd15, sdxl: conftest's small UNets (weights at scale 0.05: see there).
 @pytest.fixture(scope="module")
 def loud(sd15, sdxl):
     return {"sd15": sd15, "sdxl": sdxl}
