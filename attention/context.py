@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import StoryDiffusionError
 from .bank import BankMismatchError, entry_bytes, schedule_key
 from .csa import SamplingPlan, make_plan, reference_tokens, tokens_per_source
 from .frames import window_frames
+from .regions import MASK_RUN, routing
 
 CONTEXT = "storydiffusion_native"  # transformer_options key: the model call's Call
 RUN = "storydiffusion_native_run"  # transformer_options key: the sampling run's Run
@@ -87,12 +89,14 @@ def gate_open(seed: int, step: int, key: tuple) -> bool:
 @dataclass(frozen=True)
 class Level:
     """CSA at one resolution level of one call: ``plan`` (on the compute device) for the call's ``tokens``;
-    ``order``/``inverse``: row permutation putting a window's references first, and back (None: in order)."""
+    ``order``/``inverse``: row permutation putting a window's references first, and back (None: in order);
+    ``routing``: subject masks (csa.Routing), None to share whole images."""
 
     tokens: int
     plan: SamplingPlan
     order: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
+    routing: object = None
 
 
 @dataclass(frozen=True)
@@ -253,14 +257,36 @@ class Run:
         latent_hw = tuple(x.shape[-2:])
         sharing = self._cached(step_key, ("sharing", s is not None and s.sigma_end <= sigma <= s.sigma_start),
                                lambda: self._sharing(step, sigma))
-        levels = self._levels(step_key, images, frames, latent_hw, sharing) if images > 1 else {}
+        masks = self._masks(options, step_key, images, frames) if s is not None and s.subject_masks else None
+        if masks is False:  # subject masks before the first masks exist: nothing is shared yet
+            sharing = frozenset()
+        levels = self._levels(step_key, images, frames, latent_hw, sharing, masks) if images > 1 else {}
         record = self._record(step, step_key, images, chunks, frames, latent_hw, sharing) \
             if self.recording is not None and sharing else None
         read = self._read(step, images, chunks, frames) if spec.reader is not None else None
         return Call(rows, images, chunks, step, frames, latent_hw, levels, sharing, record, read, text, joint,
                     None if joint is None else itertools.count())
 
-    def _levels(self, step_key, images, frames, latent_hw, sharing) -> dict:
+    def _masks(self, options: dict, step_key, images: int, frames):
+        """``(soft masks (images, characters, h, w), named columns per image, threshold)`` for subject-masked CSA, False while
+        none exist yet (the run's first step). StoryDiffusionError without SDN_CharacterMasks' model, for context
+        windows and for a batch that is not the masks' story."""
+        mask_run = options.get(MASK_RUN)
+        if mask_run is None:
+            raise StoryDiffusionError(f"{NODE}: input 'subject_masks': needs the model from SDN_CharacterMasks "
+                                      f"(apply Character Masks to the model before or after this node)")
+        if frames is not None:
+            raise StoryDiffusionError(f"{NODE}: subject masks do not support context windows: sample the panels in "
+                                      f"one batch")
+        soft = mask_run.before(step_key)
+        if soft is None:
+            return False
+        if soft.shape[0] != images:
+            raise StoryDiffusionError(f"{NODE}: the character masks are for {soft.shape[0]} panels but the model "
+                                      f"call has {images} images: use the story's panel_count as the batch size")
+        return soft, mask_run.named(), mask_run.recorder.threshold
+
+    def _levels(self, step_key, images, frames, latent_hw, sharing, masks=None) -> dict:
         s, spec = self.spec.settings, self.spec
         refs = 0 if spec.reader is not None else s.reference_count  # reading batches share all-to-all
         order = None
@@ -275,6 +301,9 @@ class Run:
 
             def build():
                 plan = plan_for(s.seed, step_key, tokens, images, rate, refs, s.tile_size).to(self.device)
+                if masks is not None:
+                    return Level(tokens, plan, routing=routing(masks[0], masks[1], spec.level_hw(latent_hw, factor),
+                                                               masks[2]))
                 if order is None:
                     return Level(tokens, plan)
                 perm = torch.tensor(order)

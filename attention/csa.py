@@ -29,15 +29,17 @@ import torch.nn.functional as F
 AttentionFn = Callable[..., torch.Tensor]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, **_ignored) -> torch.Tensor:
-    """Multi-head attention on ``[rows, tokens, heads*dim_head]`` tensors (same layout out), via torch SDPA.
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
+                   **_ignored) -> torch.Tensor:
+    """Multi-head attention on ``[rows, tokens, heads*dim_head]`` tensors (same layout out), via torch SDPA;
+    ``mask``: None or additive/boolean, broadcastable to ``[rows, heads, Nq, Nk]``.
 
     The default ``attention_fn``; inside ComfyUI the patch passes ComfyUI's selected backend instead.
     """
     rows, nq, inner = q.shape
     d = inner // heads
     qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qh, kh, vh)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     return out.transpose(1, 2).reshape(rows, nq, inner)
 
 
@@ -84,6 +86,22 @@ class SamplingPlan:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SamplingPlan(self.num_images, self.num_tokens, self.per_source, self.ref_count,
                             move(self.all_idx), move(self.ref_idx), move(self.story_idx))
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Subject masks of one group of B images at one level (issue 10; regions.py builds it).
+
+    ``member`` bool ``(B * N, C)``: token t of image j (flat ``j * N + t``, the plan's indexing) lies in character
+    c's region. ``slots`` long ``(B, K)``: the characters image i routes (-1 pads). ``query_slot`` long ``(B, N)``:
+    the slot each query of image i reads, -1 for none. Query n of image i with slot s >= 0 keeps all its own
+    tokens and, of the extra tokens its plan samples, only those in the region of character ``slots[i, s]``;
+    with s = -1 it attends to its own tokens only. Device tensors (the plan's device).
+    """
+
+    member: torch.Tensor
+    slots: torch.Tensor
+    query_slot: torch.Tensor
 
 
 def _draw(targets: int, sources: list[list[int]], num_tokens: int, per_source: int,
@@ -159,11 +177,13 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, plan: SamplingPlan,
-                              attention_fn: AttentionFn = sdpa_attention, **attn_kwargs) -> torch.Tensor:
+                              attention_fn: AttentionFn = sdpa_attention, routing: Routing | None = None,
+                              **attn_kwargs) -> torch.Tensor:
     """CSA for ``G`` chunks (e.g. CFG halves) of one group of B images, sharing one plan.
 
     q, k, v: ``[G * B, N, C]`` with ``row = chunk * B + image`` (ComfyUI's layout), C = heads * dim_head, any
     float dtype. ``plan`` must be on q's device with ``plan.num_images == B`` and ``plan.num_tokens == N``.
+    ``routing``: subject masks (:class:`Routing`, the same for every chunk), or None to share whole images.
     Returns ``[G * B, N, C]``. Raises ValueError on a shape mismatch.
     """
     rows, n, c = q.shape
@@ -175,18 +195,52 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return attention_fn(q, k, v, heads, **attn_kwargs)
     g = rows // b
     q4, k4, v4 = (t.reshape(g, b, n, c) for t in (q, k, v))
-    if plan.ref_count == 0:
+    if plan.ref_count == 0 and routing is None:
         keys = plan.all_keys
         return attention_fn(q, gather_tokens(k4, keys), gather_tokens(v4, keys), heads, **attn_kwargs)
     r = plan.ref_count
 
     def part(sl: slice, keys: torch.Tensor) -> torch.Tensor:
-        out = attention_fn(q4[:, sl].reshape(-1, n, c), gather_tokens(k4, keys), gather_tokens(v4, keys), heads,
-                           **attn_kwargs)
+        qs, kk, vv = q4[:, sl].reshape(-1, n, c), gather_tokens(k4, keys), gather_tokens(v4, keys)
+        if routing is None:
+            out = attention_fn(qs, kk, vv, heads, **attn_kwargs)
+        else:
+            out = routed_attention(qs, kk, vv, heads, keys, routing, sl, attention_fn, **attn_kwargs)
         return out.reshape(g, -1, n, c)
+
+    if r == 0:
+        return part(slice(0, b), plan.all_keys).reshape(rows, n, c)
 
     out = torch.cat((part(slice(0, r), plan.ref_keys), part(slice(r, b), plan.story_keys)), dim=1)
     return out.reshape(rows, n, c)
+
+
+def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, keys: torch.Tensor,
+                     routing: Routing, images: slice, attention_fn: AttentionFn = sdpa_attention,
+                     **attn_kwargs) -> torch.Tensor:
+    """Subject-masked attention of the T images ``images`` of a group, for G chunks: q ``[G * T, N, C]``, k/v
+    ``[G * T, N + E, C]`` (own tokens then the extra tokens), ``keys`` ``(T, N + E)`` their flat indices into
+    the group's tokens. One attention call per slot with a key mask ``[G * T, 1, 1, N + E]`` (own tokens visible,
+    each extra token visible when it lies in the slot character's region: no per-query mask), the queries then
+    taking their slot's result; with K >= 2 slots one more call over the own tokens serves queries in no region.
+    """
+    n = q.shape[1]
+    g = q.shape[0] // keys.shape[0]
+    inside = routing.member[keys[:, n:]]  # (T, E, C)
+    slots, query_slot = routing.slots[images], routing.query_slot[images]
+    own = torch.ones(keys.shape[0], n, dtype=torch.bool, device=keys.device)
+    out = None
+    for s in range(slots.shape[1]):
+        char = slots[:, s]
+        seen = inside.gather(2, char.clamp_min(0)[:, None, None].expand(-1, inside.shape[1], 1))[..., 0]
+        seen = torch.cat((own, seen & (char >= 0)[:, None]), 1)
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
+        res = attention_fn(q, k, v, heads, mask=mask.repeat(g, 1)[:, None, None], **attn_kwargs)
+        out = res if out is None else torch.where((query_slot == s).repeat(g, 1)[..., None], res, out)
+    if slots.shape[1] > 1:
+        res = attention_fn(q, k[:, :n], v[:, :n], heads, **attn_kwargs)
+        out = torch.where((query_slot < 0).repeat(g, 1)[..., None], res, out)
+    return out
 
 
 def naive_consistent_self_attention(q, k, v, heads, plan: SamplingPlan, attention_fn: AttentionFn = sdpa_attention):

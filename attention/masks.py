@@ -9,12 +9,17 @@ al., arXiv 2402.03286):
                  output 6, 7, 8; SDXL: input 4, 5 and output 3, 4, 5) of
                  sum over t in span(c) of softmax_t(q[i, n] . k[i, t] / sqrt(d))
 
-with the softmax over ALL the call's text tokens, for the positive CFG half only (its first chunk), at the last
-step of the schedule. The 1/16 level is the most semantic one every SD UNet has attn2 at. Each (image,
-character) map is then min-max normalised to [0, 1]; a character the panel does not name (``[NC]`` panels
-included) gets an all-zero map. No extra UNet pass: the patch computes the probabilities next to the layer's own
-attention (whose output it leaves untouched) and keeps them as device tensors on the run; they are reduced and
-moved to the CPU once, when sampling ends.
+with the softmax over ALL the call's text tokens, for the positive CFG half only (its first chunk). The 1/16
+level is the most semantic one every SD UNet has attn2 at. Each (image, character) map is then smoothed (a 3x3
+binomial blur, regions.smooth) and min-max normalised to [0, 1]; a character the panel does not name (``[NC]``
+panels included) gets an all-zero map. No extra UNet pass: the patch computes the probabilities next to the
+layer's own attention (whose output it leaves untouched) and keeps them as device tensors on the run.
+
+Which step feeds what: the node's MASK output is the last step's maps (moved to the CPU once, when sampling
+ends). Subject-masked CSA (SDN_ConsistentSelfAttention's ``subject_masks``) at step t uses the maps of the
+latest earlier step (step t - 1 for one model call a step), since a UNet's self-attention layers run before
+its 1/16 cross-attention: deterministic, no extra pass; at the first step no maps exist yet and nothing is
+shared. Masks given to the node (a MASK input) replace the attention-derived ones at every step.
 
 Per-call design as in context.py: an APPLY_MODEL wrapper (:class:`CharacterMasks`) decides once per model call
 whether it records (the step, the positive rows) and hands the layers a :class:`MaskCall` with the spans as a
@@ -30,9 +35,10 @@ import torch
 
 from ..errors import StoryDiffusionError
 from .patch import attention_blocks
+from .regions import MASK_RUN, level_hw, normalise, smooth
 
 NODE = "SDN_CharacterMasks"
-WRAPPER = "sdn_character_masks"  # key of the wrappers; transformer_options key of the MaskRun / MaskCall
+WRAPPER = MASK_RUN  # key of the wrappers; transformer_options key of the MaskRun
 CALL = "sdn_character_masks_call"
 FACTOR = 16  # image-level downsampling of the layers the masks come from
 
@@ -42,12 +48,19 @@ class MaskRecorder:
     """The ``SDN_MASK_RECORDER`` payload, filled by each finished sampling run of its model (the last run wins).
 
     ``names``: the story's characters (mask columns); ``spans[panel]``: ``{name: ((start, stop), ...)}`` from
-    the story. After a run: ``masks`` float32 ``(panels, characters, h, w)`` on the CPU at the 1/16 level of the
-    latent (``h = ceil(ceil(H / 2))``, likewise w), values in [0, 1]; ``latent_hw``: the run's latent size.
+    the story; ``named[panel]``: the columns of the characters the panel names; ``threshold``: a token is in a
+    character's region where its mask exceeds it (subject-masked CSA); ``given``: float32 ``(panels, characters,
+    h, w)`` in [0, 1] on the CPU, masks the user gave instead of attention-derived ones (None: derived). After a
+    run: ``masks`` float32 ``(panels, characters, h, w)`` on the CPU at the 1/16 level of the latent (``h =
+    ceil(ceil(H / 2))``, likewise w), values in [0, 1] (the given masks when given); ``latent_hw``: the run's
+    latent size.
     """
 
     names: tuple
     spans: tuple
+    named: tuple = ()
+    threshold: float = 0.5
+    given: torch.Tensor | None = None
     masks: torch.Tensor | None = None
     latent_hw: tuple = ()
 
@@ -82,23 +95,51 @@ class MaskCall:
 @dataclass(eq=False)
 class MaskRun:
     """One sampling run: ``last``: the schedule's last step; ``length``: the positive cond's token count (the spans'
-    axis); ``store[layer]``: the latest ``(images, N, characters)`` probabilities of that layer at the last step."""
+    axis); ``store[layer]``: ``(images, N, characters)`` probabilities of that layer at step ``store_step``;
+    ``previous``: the processed maps (:meth:`_maps`) of the latest earlier step, on the compute device."""
 
     recorder: MaskRecorder
     schedule: list
     images: int
     length: int
     device: torch.device
+    latent_hw: tuple
     store: dict = field(default_factory=dict)
+    store_step: int | None = None
+    previous: torch.Tensor | None = None
     columns: dict = field(default_factory=dict)
+    given: torch.Tensor | None = None
+
+    def step_of(self, sigma: float) -> int:
+        return min(range(len(self.schedule) - 1), key=lambda i: abs(self.schedule[i] - sigma))
+
+    def advance(self, step: int) -> None:
+        """Start ``step``: the maps of the step before it become :attr:`previous` (device ops only)."""
+        if step != self.store_step:
+            if self.store:
+                self.previous = self._maps()
+            self.store, self.store_step = {}, step
+
+    def before(self, step: int) -> torch.Tensor | None:
+        """Soft masks ``(images, characters, h, w)`` on the compute device for CSA at ``step``: the given masks, or
+        the maps of the latest step before ``step`` (None at the first step)."""
+        if self.recorder.given is not None:
+            if self.given is None:
+                self.given = self.recorder.given.to(self.device, non_blocking=True)
+            return self.given
+        self.advance(step)
+        return self.previous
+
+    def named(self) -> tuple:
+        return self.recorder.named
 
     def describe(self, options: dict, rows: int, tokens: int, sigma: float) -> MaskCall | None:
-        """The call's :class:`MaskCall`, or None when it does not record (not the last step, no positive chunk,
-        rows that are not the whole batch per chunk). StoryDiffusionError for a context window or a call whose
-        ``tokens`` are not a multiple of the positive cond's."""
-        step = min(range(len(self.schedule) - 1), key=lambda i: abs(self.schedule[i] - sigma))
+        """The call's :class:`MaskCall`, or None when it does not record (no positive chunk, rows that are not the
+        whole batch per chunk). StoryDiffusionError for a context window or a call whose ``tokens`` are not a
+        multiple of the positive cond's."""
+        self.advance(self.step_of(sigma))
         chunks = [int(c) for c in options.get("cond_or_uncond") or (0,)]
-        if step != len(self.schedule) - 2 or 0 not in chunks or rows != len(chunks) * self.images:
+        if 0 not in chunks or rows != len(chunks) * self.images:
             return None
         if options.get("context_window") is not None or isinstance(options.get("ad_params"), dict):
             raise StoryDiffusionError(f"{NODE}: character masks do not support context windows: sample the panels "
@@ -113,21 +154,23 @@ class MaskRun:
                 .to(self.device, non_blocking=True)
         return MaskCall(slice(g * self.images, (g + 1) * self.images), columns, self.store)
 
-    def finish(self, latent_hw: tuple) -> None:
-        """Average the layers, min-max normalise each (image, character) map, publish to the recorder (one move
-        to the CPU)."""
-        if not self.store:
+    def _maps(self) -> torch.Tensor:
+        """The store's layers averaged, as ``(images, characters, h, w)`` maps, smoothed and normalised."""
+        h, w = level_hw(self.latent_hw, FACTOR)
+        p = torch.stack(list(self.store.values())).mean(0)  # (images, N, characters)
+        return normalise(smooth(p.reshape(self.images, h, w, -1).permute(0, 3, 1, 2)))
+
+    def finish(self) -> None:
+        """Publish the last step's maps (or the given masks) to the recorder: one move to the CPU."""
+        if self.recorder.given is not None:
+            masks = self.recorder.given
+        elif not self.store or self.store_step != len(self.schedule) - 2:
             raise StoryDiffusionError(f"{NODE}: no mask was recorded: the last step did not call the model with the "
                                       f"positive conditioning")
-        h, w = latent_hw
-        for _ in range(FACTOR.bit_length() - 4):
-            h, w = -(-h // 2), -(-w // 2)
-        p = torch.stack(list(self.store.values())).mean(0)  # (images, N, characters)
-        lo, hi = p.amin(1, keepdim=True), p.amax(1, keepdim=True)
-        span = hi - lo
-        p = torch.where(span > 0, (p - lo) / span.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(p))
-        self.recorder.masks = p.reshape(self.images, h, w, -1).permute(0, 3, 1, 2).contiguous().cpu()
-        self.recorder.latent_hw = tuple(latent_hw)
+        else:
+            masks = self._maps().cpu()
+        self.recorder.masks = masks
+        self.recorder.latent_hw = tuple(self.latent_hw)
 
 
 def _span_columns(recorder: MaskRecorder, images: int, tokens: int, length: int) -> torch.Tensor:
@@ -224,22 +267,27 @@ class CharacterMasks:
         if len(sigmas) < 2:
             raise StoryDiffusionError(f"{NODE}: needs a sampler that sets sample_sigmas (every stock KSampler does)")
         options = guider.model_options
-        run = MaskRun(self.recorder, sigmas.tolist(), images, length, guider.model_patcher.load_device)
+        run = MaskRun(self.recorder, sigmas.tolist(), images, length, guider.model_patcher.load_device,
+                      tuple(noise.shape[-2:]))
         options["transformer_options"] = {**options.get("transformer_options", {}), WRAPPER: run}
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        run.finish(tuple(noise.shape[-2:]))
+        run.finish()
         return out
 
 
-def apply_masks(model_patcher, story):
+def apply_masks(model_patcher, story, given: torch.Tensor | None = None, threshold: float = 0.5):
     """A clone of ``model_patcher`` that records character masks of ``story`` (a story.parser.Story with token
     spans) into a new :class:`MaskRecorder`; returns ``(model, recorder)``. Every 1/16-level attn2 block gets a
-    :class:`MaskAttn2` chaining the attn2 replace already there. Raises UnsupportedModelError (naming
-    SDN_CharacterMasks) for DiTs and video UNets."""
+    :class:`MaskAttn2` chaining the attn2 replace already there. ``given``: float ``(panels, characters, h, w)``
+    masks in [0, 1] used instead of the attention-derived ones; ``threshold``: region membership for
+    subject-masked CSA. Raises UnsupportedModelError (naming SDN_CharacterMasks) for DiTs and video UNets."""
     import comfy.patcher_extension as ext
 
     blocks = [key for key, factor in attention_blocks(model_patcher, NODE).items() if factor == FACTOR]
-    recorder = MaskRecorder(tuple(story.characters), tuple(dict(p.spans) for p in story.panels))
+    names = tuple(story.characters)
+    recorder = MaskRecorder(names, tuple(dict(p.spans) for p in story.panels),
+                            tuple(tuple(names.index(n) for n in p.characters) for p in story.panels), float(threshold),
+                            None if given is None else given.float().cpu().clamp(0, 1))
     m = model_patcher.clone()
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for key in blocks:

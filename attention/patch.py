@@ -31,9 +31,10 @@ import math
 from dataclasses import dataclass, replace
 
 from ..errors import StoryDiffusionError, UnsupportedModelError
-from .bank import BankMismatchError, BankRecorder
+from .bank import BankMismatchError, BankRecorder, layer_name
 from .context import CONTEXT, NODE, RUN, Run, level_tokens
 from .dit import DIT_BLOCK_CHOICES, Family, JointAttention, dit_family, dit_layers, joint_width
+from .regions import level_hw
 from .roles import RecordPatch, SelfAttention
 
 WRAPPER = "storydiffusion_native"  # key of the pack's model wrappers
@@ -58,6 +59,7 @@ class CSASettings:
     schedule: "always", or "storydiffusion" (the reference app: plain attention at step 0, then each layer call
     skips CSA with probability 0.3 for steps 1..19 and 0.1 from step 20, deterministic per seed).
     tile_size: 0 = off; T > 1 = each image shares only with the T - 1 images around it (sliding window).
+    subject_masks: share only the characters' regions (regions.py; needs SDN_CharacterMasks' model).
     """
 
     rates: tuple[tuple[int, float], ...] = ((8, 0.5), (16, 0.5), (32, 0.5))
@@ -69,6 +71,7 @@ class CSASettings:
     schedule: str = "always"
     tile_size: int = 0
     dit_blocks: tuple[str, ...] = DIT_BLOCK_CHOICES["single-stream"]
+    subject_masks: bool = False
 
     def rate_for(self, factor: int) -> float:
         rates = dict(self.rates)
@@ -80,7 +83,8 @@ class CSASettings:
     def as_dict(self) -> dict:
         return {"rates": [list(r) for r in self.rates], "reference_count": self.reference_count, "seed": self.seed,
                 "blocks": list(self.blocks), "sigma_start": self.sigma_start if math.isfinite(self.sigma_start)
-                else "inf", "sigma_end": self.sigma_end, "schedule": self.schedule, "tile_size": self.tile_size}
+                else "inf", "sigma_end": self.sigma_end, "schedule": self.schedule, "tile_size": self.tile_size,
+                "subject_masks": self.subject_masks}
 
 
 def attention_blocks(model_patcher, node: str = NODE) -> dict[tuple[str, int, int], int]:
@@ -190,6 +194,12 @@ class StoryAttention:
         """Image tokens of the model's layers at ``factor`` for a latent of ``latent_hw``."""
         return level_tokens(latent_hw, factor) if self.family is None else self.family.image_tokens(latent_hw)
 
+    def level_hw(self, latent_hw: tuple, factor: int) -> tuple[int, int]:
+        """Height and width (row-major token grid) of the model's layers at ``factor`` for a latent of ``latent_hw``."""
+        if self.family is None:
+            return level_hw(latent_hw, factor)
+        raise UnsupportedModelError(f"{NODE}: subject masks are not supported on {self.family.name} yet")
+
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
         """APPLY_MODEL wrapper: describe the call, hand the description to the layers."""
@@ -266,6 +276,9 @@ def apply_csa(model_patcher, settings: CSASettings):
         previous = existing.get(key, existing.get(key[:2]))
         if isinstance(previous, SelfAttention):  # CSA applied twice: the new settings replace the old ones
             previous = previous.previous
+        if previous is not None and settings.subject_masks:
+            raise UnsupportedModelError(f"{NODE}: input 'subject_masks': layer {layer_name(key[:2], key[2])} already "
+                                        f"has another attn1 replace patch, which cannot take the subject masks' key mask")
         layer = layers[key] = SelfAttention(key, factor, attn1, previous)
         m.set_model_attn1_replace(layer, *key)
     _install(m, StoryAttention(settings, {layer.name: layer for layer in layers.values()}))

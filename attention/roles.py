@@ -26,10 +26,10 @@ def _attention(previous, extra_options):
     if previous is not None:
         return lambda q, k, v, *_, **__: previous(q, k, v, extra_options)
 
-    def attend(q, k, v, *_, **__):
+    def attend(q, k, v, *_, mask=None, **__):
         import comfy.ldm.modules.attention as comfy_attention
 
-        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
+        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"], mask=mask,
                                                    attn_precision=extra_options.get("attn_precision"),
                                                    transformer_options=extra_options)
     return attend
@@ -54,7 +54,7 @@ def share(q, k, v, ctx: Call, layer, attend):
         return attend(q, k, v)
     _fits(q.shape[1], level.tokens, layer)
     if level.order is None:
-        return consistent_self_attention(q, k, v, None, level.plan, attention_fn=attend)
+        return consistent_self_attention(q, k, v, None, level.plan, attention_fn=attend, routing=level.routing)
     # a context window whose references are not its first rows: put them first, and back afterwards
     out = consistent_self_attention(*(_rows(t, ctx.images, level.order) for t in (q, k, v)), None, level.plan,
                                     attention_fn=attend)

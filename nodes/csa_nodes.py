@@ -61,13 +61,21 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "Qwen-Image's 60; an SD3.5 Medium block's image-only attention goes with its block), as the reference app "
                     "patches the later half (the decoder) of a UNet. 'double-stream': the early blocks (Flux: the "
                     "19 double-stream; the others: the earlier half). Ignored for UNets.")),
+                io.Boolean.Input("subject_masks", default=False, optional=True, tooltip=(
+                    "Share only the characters, not the background (needs the model through Character Masks): an "
+                    "image's extra keys are the sampled tokens of the other images that lie inside the mask of a "
+                    "character its panel names; its own tokens stay visible. In a panel naming several characters, "
+                    "image tokens inside A's mask see only A's tokens, inside B's only B's, elsewhere only their own "
+                    "image. [NC] panels share nothing; the first step (no masks yet) shares nothing. Off: whole "
+                    "images, as the paper.")),
             ],
             outputs=[io.Model.Output(display_name="CSA model", tooltip="A patched clone; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, sampling_rate_1_32, sampling_rate_1_16, sampling_rate_1_8, reference_count, seed,
-                blocks, start_percent, end_percent, schedule, tile_size=0, dit_blocks="single-stream") -> io.NodeOutput:
+                blocks, start_percent, end_percent, schedule, tile_size=0, dit_blocks="single-stream",
+                subject_masks=False) -> io.NodeOutput:
         node = "SDN_ConsistentSelfAttention"
         if start_percent > end_percent:
             raise NodeInputError(node, "start_percent", f"a value <= end_percent ({end_percent})",
@@ -83,7 +91,7 @@ class ConsistentSelfAttention(io.ComfyNode):
             reference_count=reference_count, seed=seed, blocks=BLOCK_CHOICES[blocks],
             sigma_start=float(sampling.percent_to_sigma(start_percent)),
             sigma_end=float(sampling.percent_to_sigma(end_percent)), schedule=schedule, tile_size=tile_size,
-            dit_blocks=DIT_BLOCK_CHOICES[dit_blocks])
+            dit_blocks=DIT_BLOCK_CHOICES[dit_blocks], subject_masks=bool(subject_masks))
         return io.NodeOutput(apply_csa(model, settings))
 
 

@@ -20,6 +20,13 @@ class CharacterMasks(io.ComfyNode):
                 STORY.Input("story", tooltip=(
                     "SDN_StoryPrompt's story output: its panels' character token spans. Sample its positive "
                     "conditioning, one image per panel.")),
+                io.Mask.Input("masks", optional=True, tooltip=(
+                    "Your own masks instead of the attention-derived ones (e.g. from a segmentation node): one per "
+                    "panel and character, row = panel x characters + character as Character Mask Images outputs "
+                    "them, any size, values in [0, 1]. Used at every step, from the first.")),
+                io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01, optional=True, tooltip=(
+                    "For subject-masked CSA: a token lies in a character's region where the mask (normalised to "
+                    "[0, 1]) exceeds this.")),
             ],
             outputs=[io.Model.Output("recording_model", display_name="recording model",
                                     tooltip="Sample the panels with this model."),
@@ -27,11 +34,20 @@ class CharacterMasks(io.ComfyNode):
                                           tooltip="Connect to Character Mask Images together with the samples.")])
 
     @classmethod
-    def execute(cls, model, story):
-        if not any(p.spans for p in story.panels):
-            raise NodeInputError("SDN_CharacterMasks", "story", "the story output of SDN_StoryPrompt, whose panels "
-                                 "hold their characters' token spans", got="a story without token spans")
-        return io.NodeOutput(*apply_masks(model, story))
+    def execute(cls, model, story, masks=None, threshold=0.5):
+        node = "SDN_CharacterMasks"
+        if masks is None and not any(p.spans for p in story.panels):
+            raise NodeInputError(node, "story", "the story output of SDN_StoryPrompt, whose panels hold their "
+                                 "characters' token spans (or connect masks)", got="a story without token spans")
+        given = None
+        if masks is not None:
+            rows = len(story.panels) * len(story.characters)
+            if masks.ndim != 3 or masks.shape[0] != rows:
+                raise NodeInputError(node, "masks", f"{rows} masks (panels x characters = {len(story.panels)} x "
+                                     f"{len(story.characters)}), row = panel x characters + character",
+                                     got=f"shape {tuple(masks.shape)}")
+            given = masks.reshape(len(story.panels), len(story.characters), *masks.shape[1:])
+        return io.NodeOutput(*apply_masks(model, story, given, threshold))
 
 
 class MaskImages(io.ComfyNode):

@@ -31,7 +31,8 @@ def story(pack):
 def oracle_masks(model, steps=2):
     """Sample with an attn2 replace written here: per positive image and head, softmax(q k^T / sqrt(d)) over all
     77 text tokens, summed over each character's span columns, mean over heads; the last call of each 1/16 layer
-    (the last step); mean over layers, min-max per image and character (zeros for an absent character)."""
+    (the last step); mean over layers, a 3x3 binomial blur, min-max per image and character (zeros for an absent
+    character)."""
     from comfy.ldm.modules.attention import optimized_attention
 
     last = {}
@@ -59,15 +60,28 @@ def oracle_masks(model, steps=2):
     for block in SIXTEENTH:
         m.set_model_attn2_replace(replace, *block, 0)
     latents = sample(m, 3, steps=steps, size=8)
-    p = torch.stack(list(last.values())).mean(0)
+    p = torch.stack(list(last.values())).mean(0).reshape(3, 4, 4, 2).permute(0, 3, 1, 2)
     out = torch.zeros_like(p)
     for i in range(p.shape[0]):
         for c in range(2):
-            lo, hi = p[i, :, c].min(), p[i, :, c].max()
+            blurred = blur(p[i, c])
+            lo, hi = blurred.min(), blurred.max()
             if hi > lo:
-                out[i, :, c] = (p[i, :, c] - lo) / (hi - lo)
+                out[i, c] = (blurred - lo) / (hi - lo)
     assert len(last) == len(SIXTEENTH)
-    return out.reshape(3, 4, 4, 2).permute(0, 3, 1, 2), latents
+    return out, latents
+
+
+def blur(m):
+    """3x3 binomial smoothing ([1, 2, 1] / 4 per axis), edge pixels repeated, one pixel at a time."""
+    h, w = m.shape
+    weight = (0.25, 0.5, 0.25)
+    out = torch.zeros_like(m)
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = sum(weight[dy + 1] * weight[dx + 1] * m[min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)]
+                            for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    return out
 
 
 def test_masks_equal_the_span_attention_probabilities(pack, sd15):
