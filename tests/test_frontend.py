@@ -350,3 +350,26 @@ def test_workflow_queued_from_the_frontend_saves_its_pages(frontend, name):
         query = urllib.parse.urlencode({k: page[k] for k in ("filename", "subfolder", "type")})
         image = np.asarray(Image.open(io.BytesIO(server.get("/view?" + query))).convert("RGB"))
         assert image.shape == (PAGE, PAGE, 3) and image.std() > 5  # panels and borders drawn
+
+
+# The template browser of the pinned frontend lists /workflow_templates and shows a custom node pack's template
+# with the image at api/workflow_templates/<pack folder>/<name>.jpg (mediaSubtype "jpg"), in an <img>.
+THUMBNAIL = """
+const [url, done] = arguments;
+const img = new Image();
+img.onload = () => done([img.naturalWidth, img.naturalHeight]);
+img.onerror = () => done(null);
+img.src = url;
+"""
+
+
+def test_template_browser_shows_every_workflow_with_its_thumbnail(frontend):
+    driver, server = frontend
+    names = sorted(Path(n).stem for n in WORKFLOWS)
+    assert sorted(server.json("/workflow_templates")["comfyui-storydiffusion-native"]) == names
+    for name in names:
+        path = REPO / "workflows" / f"{name}.jpg"
+        url = f"api/workflow_templates/comfyui-storydiffusion-native/{name}.jpg"
+        assert server.get("/" + url) == path.read_bytes()
+        with Image.open(path) as img:
+            assert driver.execute_async_script(THUMBNAIL, url) == list(img.size), f"the page cannot show {url}"
