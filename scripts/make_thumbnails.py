@@ -7,8 +7,8 @@ model outputs, and says what its workflow makes, read from the workflow itself:
 
 * a workflow with ``SDN_ComicLayout``: its comic pages, in the node's layout settings (layout, reading direction,
   page aspect, rows, columns, gutter, border, colours) scaled to the thumbnail, captions from its
-  ``SDN_StoryPrompt`` story; two pages side by side when the story fills more than one; with a ``LoadImage``
-  feeding ``PhotoMakerEncode``, the reference photo to the left of the page;
+  ``SDN_StoryPrompt`` story; a story longer than a page shows its first two pages side by side where they are
+  portrait (else its first page); with ``LoadImage`` and ``PhotoMakerEncode``, the reference photo to the left;
 * a workflow with ``SDN_TransitionEmbeds``: a film strip of cross-fading frames between its keyframes (the
   story's panels above it when it has a story), ``frames_per_transition`` from that node;
 * its model family (from the file name: sd15, sdxl, flux, qwen_image) in a badge.

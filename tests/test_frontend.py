@@ -12,7 +12,8 @@ prompt is queued), and it must equal what the in-process workflow tests execute.
 then queued over HTTP: checkpoint loader swapped for SDNTest_TinyCheckpoint (real SD1.5 layout, small widths,
 random weights), sizes and steps shrunk as in the other workflow tests, POSTed to /prompt, /history polled,
 and the saved pages fetched back from /view. The transition workflows need AnimateDiff-Evolved, which cannot
-be installed here: they are checked up to exactly those missing nodes.
+be installed here: they are checked up to exactly those missing nodes. The template browser's routes list every
+workflow and serve its thumbnail (workflows/<name>.jpg), which the page decodes at its size.
 
 Without a browser the test is skipped with the reason; with CI set (CI runs `CI=true bash .ci/run` as root,
 and scripts/setup_test_env.sh installs the browser) it fails instead.
