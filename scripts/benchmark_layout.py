@@ -12,18 +12,14 @@ Needs only Pillow, numpy and torch (not ComfyUI). Usage: python scripts/benchmar
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
-import sys
 import time
-import types
-from pathlib import Path
 
 import PIL
 from PIL import Image, features
 
-PACK = Path(__file__).resolve().parent.parent
+from pack_modules import pack_module
 
 SAMPLES = {
     "Latin": "The girl walked down the rainy street and found a tiny bookshop that was on no map. ",
@@ -32,15 +28,6 @@ SAMPLES = {
     "Arabic": "مشت الفتاة في الشارع الممطر ووجدت مكتبة صغيرة لم تكن على أي خريطة. ",
 }
 LENGTHS = (50, 150, 600, 2000)
-
-
-def load_layout():
-    # story/layout.py imports the pack's errors module relatively: give it a package without running the
-    # pack's __init__ (which needs ComfyUI); never put the pack root itself on sys.path.
-    package = types.ModuleType("sdn_bench_pack")
-    package.__path__ = [str(PACK)]
-    sys.modules[package.__name__] = package
-    return importlib.import_module(f"{package.__name__}.story.layout")
 
 
 def caption(script: str, n: int) -> str:
@@ -52,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    L = load_layout()
+    L = pack_module("story.layout")
     spec = L.LayoutSpec()
     x0, y0, x1, y1 = L.panel_box(L.cell_boxes(spec)[1], spec.border_width)
     print(f"# {platform.processor() or platform.machine()}, Python {platform.python_version()}, Pillow "

@@ -12,7 +12,8 @@ prompt is queued), and it must equal what the in-process workflow tests execute.
 then queued over HTTP: checkpoint loader swapped for SDNTest_TinyCheckpoint (real SD1.5 layout, small widths,
 random weights), sizes and steps shrunk as in the other workflow tests, POSTed to /prompt, /history polled,
 and the saved pages fetched back from /view. The transition workflows need AnimateDiff-Evolved, which cannot
-be installed here: they are checked up to exactly those missing nodes.
+be installed here: they are checked up to exactly those missing nodes. The template browser's routes list every
+workflow and serve its thumbnail (workflows/<name>.jpg), which the page decodes at its size.
 
 Without a browser the test is skipped with the reason; with CI set (CI runs `CI=true bash .ci/run` as root,
 and scripts/setup_test_env.sh installs the browser) it fails instead.
@@ -350,3 +351,26 @@ def test_workflow_queued_from_the_frontend_saves_its_pages(frontend, name):
         query = urllib.parse.urlencode({k: page[k] for k in ("filename", "subfolder", "type")})
         image = np.asarray(Image.open(io.BytesIO(server.get("/view?" + query))).convert("RGB"))
         assert image.shape == (PAGE, PAGE, 3) and image.std() > 5  # panels and borders drawn
+
+
+# The template browser of the pinned frontend lists /workflow_templates and shows a custom node pack's template
+# with the image at api/workflow_templates/<pack folder>/<name>.jpg (mediaSubtype "jpg"), in an <img>.
+THUMBNAIL = """
+const [url, done] = arguments;
+const img = new Image();
+img.onload = () => done([img.naturalWidth, img.naturalHeight]);
+img.onerror = () => done(null);
+img.src = url;
+"""
+
+
+def test_template_browser_shows_every_workflow_with_its_thumbnail(frontend):
+    driver, server = frontend
+    names = sorted(Path(n).stem for n in WORKFLOWS)
+    assert sorted(server.json("/workflow_templates")["comfyui-storydiffusion-native"]) == names
+    for name in names:
+        path = REPO / "workflows" / f"{name}.jpg"
+        url = f"api/workflow_templates/comfyui-storydiffusion-native/{name}.jpg"
+        assert server.get("/" + url) == path.read_bytes()
+        with Image.open(path) as img:
+            assert driver.execute_async_script(THUMBNAIL, url) == list(img.size), f"the page cannot show {url}"
