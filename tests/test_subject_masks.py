@@ -207,3 +207,16 @@ def test_errors_name_the_node_and_input(pack, sd15):
     other.set_model_attn1_replace(lambda q, k, v, extra: q, "output", 3, 0)
     with pytest.raises(Exception, match="subject_masks"):
         patch.apply_csa(other, s)
+
+
+def test_no_host_syncs_in_the_layers(pack, sd15):
+    # Routing is built once per level and step from device tensors: subject-masked CSA reads nothing back beyond
+    # what whole-image CSA and the mask recording already do (the sigma once a call, the masks once a run).
+    from host_syncs import syncs_per_call
+
+    patch, masks = pack("attention.patch"), pack("attention.masks")
+    story = parsed(pack)
+    whole = masks.apply_masks(patch.apply_csa(sd15, patch.CSASettings()), story, given_masks())[0]
+    masked = subject_model(pack, sd15, story, rate=0.5, given=given_masks())[0]
+    count = lambda m: syncs_per_call(m, 5, kind="sd15", size=SIZE, steps=4)  # noqa: E731
+    assert count(masked) == count(whole)
