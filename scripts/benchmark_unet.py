@@ -8,6 +8,10 @@ decoder's self-attention (the reference app's layers). Modes:
   read fp16   the B images read a bank recorded (not timed) from R references, stored in fp16
   read fp8    the same bank stored in fp8 (e4m3, one scale per token)
   bank-free   the R references in front of the B images, CSA reference_count = R: the same tokens, no bank
+  subject     CSA with subject masks (issue 10), one character per panel: the extra keys only where the other
+              images' character masks are (given masks, half of each image), one key-masked attention call
+  two chars   subject masks, every panel naming two characters: one call per character plus one over the own
+              tokens for queries in neither region (the floor counts all three)
 Columns: seconds per step (best of --repeats; on the CPU the process's CPU seconds, all threads, so that other
 load on a shared machine does not count); x vanilla; floor: the FLOP floor over vanilla (the UNet's FLOPs
 counted on the meta device, plus the decoder's attention over the extra keys, 4 N E C per row and layer, the
@@ -49,7 +53,29 @@ def floors(decoder: list, unet_per_row: float, images: int, refs: int) -> dict:
     key is scored once (QK^T and AV: 4 N E C per row), bank tokens are projected once per half (k, v: 4 E C^2)."""
     read = sum(4 * n * refs * m * c * images * 2 + 2 * 4 * refs * m * c * c for n, m, c in decoder)
     read = 1 + read / (unet_per_row * images * 2)
-    return {**csa_floors(decoder, unet_per_row, images, refs, 2), "read fp16": read, "read fp8": read}
+    base = csa_floors(decoder, unet_per_row, images, refs, 2)
+    # two characters: two calls over own + extra keys and one over own keys, where vanilla makes one over own keys
+    two = sum(4 * n * c * (2 * (n + (images - 1) * m)) for n, m, c in decoder) * images * 2
+    return {**base, "read fp16": read, "read fp8": read, "subject": base["csa"],
+            "two chars": 1 + two / (unet_per_row * images * 2)}
+
+
+def subject_models(pack, model, settings, images: int) -> dict:
+    """``{mode: model}`` of the subject-mask modes: given masks (the left or right half of each image, by
+    character) on SDN_CharacterMasks' model, CSA with subject_masks."""
+    import dataclasses
+
+    import torch
+
+    patch, masks, parser = pack("attention.patch"), pack("attention.masks"), pack("story.parser")
+    subject = patch.apply_csa(model, dataclasses.replace(settings, subject_masks=True))
+    given = torch.zeros(images, 2, 8, 8)
+    given[:, 0, :, :4], given[:, 1, :, 4:] = 1.0, 1.0
+    out = {}
+    for mode, panel in (("subject", "[A] walks"), ("two chars", "[A] and [B] talk")):
+        story = parser.parse_story("[A] a fox\n[B] a cat\n---\n" + f"{panel}\n" * images)
+        out[mode] = masks.apply_masks(subject, story, given)[0]
+    return out
 
 
 def reference_app_bytes(decoder: list, refs: int, steps: int) -> int:
@@ -90,6 +116,8 @@ def host_syncs(pack, kind: str, images: int, refs: int, settings) -> dict:
         out[label] = syncs_per_call(reading, images, kind)
     free = patch.apply_csa(tiny, patch.CSASettings(rates=settings.rates, reference_count=refs))
     out["bank-free"] = syncs_per_call(free, images + refs, kind)
+    for mode, m in subject_models(pack, tiny, settings, images).items():
+        out[mode] = syncs_per_call(m, images, kind)
     return out
 
 
@@ -132,7 +160,8 @@ def benchmark(pack, kind: str, size: int, args, dtype, device, cuda: bool) -> No
     modes = {"vanilla": (model, story), "csa": (csa, story),
              **{label: (patch.apply_reading(model, patch.BankReader((bank,))), story) for label, bank in banks.items()},
              "bank-free": (patch.apply_csa(model, patch.CSASettings(rates=settings.rates, reference_count=r)),
-                           together)}
+                           together),
+             **{mode: (m, story) for mode, m in subject_models(pack, model, settings, b).items()}}
     times = best_of({mode: (lambda m=m, p=p: step(m, p)) for mode, (m, p) in modes.items()},
                     args.repeats or (5 if cuda else 2), cuda)
 
