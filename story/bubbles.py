@@ -1,0 +1,482 @@
+"""Dialogue on comic pages: speech, thought, shout and whisper bubbles and narration boxes (issue 11).
+
+Pillow and numpy only; SDN_ComicLayout draws them through ``compose_pages``' per-panel hook. Fonts, line
+breaking and any-script text are layout.py's (``CaptionFonts`` preferring an installed comic font, ``wrap``,
+``truncate``): a bubble is drawn in a font that has all its characters, right-to-left text is shaped by raqm.
+
+Shapes, one outline around body and tail:
+
+* speech: an ellipse with a tapered tail;
+* thought: a cloud (circles along an ellipse) with three shrinking circles trailing toward the speaker;
+* shout: a spiky star around the ellipse, with the tail;
+* whisper: the speech shape with a dashed outline;
+* narration (a ``>`` line without speaker): a pale yellow box, no tail.
+
+Text is wrapped to a block about 2.5 times as wide as tall (at most what the panel allows) and centred; the
+ellipse passes through the corners of the padded text block (semi-axes sqrt(2) x its half sizes), so the text
+lies inside the shape.
+
+Placement, per panel, inside the panel (a margin off its border) and above its caption box, in dialogue order:
+each bubble takes the first free position in reading order, top-most first, then left-most (right-most on
+right-to-left pages), either beside the previous bubble (after it in the reading direction, its top not above
+the previous top) or below it, never closer than a gap to another bubble. With character masks, positions
+covering any character of the panel (mask >= 0.5 after the panel's own centre crop) lose to positions covering
+less; without masks the top-most positions win (bubbles fill the top band). When a panel's bubbles do not all fit,
+the font shrinks in 0.85x steps from ``caption_font_size`` down to ``MIN_FONT``; the ones that still do not fit
+are drawn where they cover the least (text cut with "...", maybe over another bubble) and reported: ``overflow``
+in the layout and a warning naming the panel.
+
+Tails end at the speaker: on the pixel of its mask region nearest to the bubble's centre; without a mask (or an
+empty one) below the bubble, at the speaker's place among the panel's characters (the first named on the
+reading-start side); a speaker the panel does not name (an off-panel voice) points to the nearer side edge.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..errors import NodeInputError
+from .layout import (MIN_FONT, NODE_ID, CaptionFonts, LayoutSpec, _longest, compose_pages, direction_of, fit_cover,
+                     truncate, wrap)
+from .parser import NARRATION
+
+SHRINK = 0.85
+GRID = 160  # placement cells across the larger side of a panel
+MASK_THRESHOLD = 0.5
+ASPECT = 2.5  # preferred text block width / height
+TAIL_HALF_ANGLE = 0.22  # radians of the body's outline the tail replaces on each side
+FILL, INK, NARRATION_FILL = (255, 255, 255, 255), (0, 0, 0, 255), (255, 244, 186, 255)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bubble:
+    """One drawn bubble, as the layout output lists it. Coordinates are page pixels, boxes ``(x0, y0, x1, y1)``
+    with x1, y1 exclusive; ``page`` and ``panel`` are 0-based (panel = story panel index), ``line`` the dialogue
+    line's 1-based story line. ``box``: the body (outline, spikes and cloud bumps included; tails and trailing
+    circles reach out of it), None when the panel is too small to draw it at all. ``text_box``: the padded text
+    block, inside the body's shape. ``tail``: the tail's tip (thought: the last trailing circle's centre), None
+    for narration. ``overflow``: did not fit (shrunk to MIN_FONT and then cut, moved out of reading order, over
+    another bubble, or not drawn)."""
+
+    page: int
+    panel: int
+    line: int
+    kind: str
+    speaker: str | None
+    text: str
+    box: tuple | None
+    text_box: tuple | None
+    tail: tuple | None
+    font_size: int
+    lines: tuple
+    overflow: bool
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """A dialogue line measured at one font size: outer size ``w`` x ``h``, text block ``tw`` x ``th``."""
+
+    font: object
+    direction: str | None
+    lines: list
+    line_h: int
+    pad: int
+    lw: int
+    ext: int
+    tw: int
+    th: int
+    w: int
+    h: int
+    cut: bool
+
+
+def _measure(item, fonts: CaptionFonts, size: int, max_w: int, max_h: int, may_cut: bool) -> _Sized | None:
+    """``item`` (a DialogueLine) at ``size`` px, at most ``max_w`` x ``max_h`` outside; None when it does not fit
+    (with ``may_cut``: only when not even one line fits)."""
+    font = fonts.font(fonts.face_for(item.text), size)
+    direction = direction_of(font, item.text)
+    measure = lambda s: font.getlength(s, direction=direction)  # noqa: E731
+    ascent, descent = font.getmetrics()
+    line_h, pad, lw = ascent + descent + max(1, size // 8), max(2, size // 3), max(1, round(size / 10))
+    ext = 0 if item.kind in (NARRATION, "speech", "whisper") else round(0.6 * size)  # spikes, cloud bumps
+    k = 1.0 if item.kind == NARRATION else math.sqrt(2)  # box, or the ellipse through the block's corners
+    width = int((max_w - 2 * ext - 2 * lw) / k) - 2 * pad
+    max_lines = (int((max_h - 2 * ext - 2 * lw) / k) - 2 * pad) // line_h
+    if width < size or max_lines < 1:
+        return None
+    text = item.text
+    if measure(text) > (max_lines + 1) * width:  # more than can show: wrap no more than that (hostile lengths)
+        if not may_cut:
+            return None
+        text = text[:_longest(lambda n: measure(text[:n]) <= (max_lines + 1) * width, 1, len(text))]
+    lines = _balanced(text, measure, width, line_h)
+    cut = text != item.text or len(lines) > max_lines
+    if cut and not may_cut:
+        return None
+    lines = truncate(lines, max_lines, measure, width)
+    if not lines:
+        return None
+    tw, th = math.ceil(max(map(measure, lines))), len(lines) * line_h
+    w, h = (math.ceil(k * (d + 2 * pad) + 2 * ext + 2 * lw) for d in (tw, th))
+    return _Sized(font, direction, lines, line_h, pad, lw, ext, tw, th, w, h, cut)
+
+
+def _balanced(text: str, measure, width: int, line_h: int) -> list[str]:
+    """``text`` wrapped into about sqrt(length / (ASPECT x line_h)) lines (a block ASPECT times as wide as tall) of
+    at most ``width`` px, at the narrowest width that keeps that many lines (balanced lines)."""
+    lines = max(1, round(math.sqrt(measure(text) / (ASPECT * line_h))))
+    fits = lambda w: len(wrap(text, measure, w)) <= lines  # noqa: E731
+    if not fits(width):
+        return wrap(text, measure, width)
+    narrow = width - _longest(lambda d: fits(width - d), 0, width - 1)
+    return wrap(text, measure, narrow)
+
+
+def _window_sums(grid: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """Sum of ``grid`` over every ch x cw window, indexed by the window's top-left cell."""
+    s = np.pad(grid.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return s[ch:, cw:] - s[:-ch, cw:] - s[ch:, :-cw] + s[:-ch, :-cw]
+
+
+class _Area:
+    """Where a panel's bubbles may go: ``(x0, y0, x1, y1)`` on the page, as a grid of ``g`` px cells, with the
+    cells covering characters (``forbidden``) and those taken by bubbles and their gaps (``taken``)."""
+
+    def __init__(self, box: tuple, forbidden: np.ndarray | None):
+        self.box = box
+        w, h = box[2] - box[0], box[3] - box[1]
+        self.g = g = max(1, math.ceil(max(w, h, 1) / GRID))
+        self.cols, self.rows = max(w, 0) // g, max(h, 0) // g
+        self.taken = np.zeros((self.rows, self.cols), dtype=bool)
+        self.forbidden = np.zeros_like(self.taken)
+        if forbidden is not None and self.rows and self.cols:
+            f = forbidden[:self.rows * g, :self.cols * g]
+            self.forbidden = f.reshape(self.rows, g, self.cols, g).any(axis=(1, 3))
+
+    def place(self, w: int, h: int, after: tuple | None, rtl: bool, gap: int, force: bool):
+        """Top-left ``(x, y)`` of a w x h bubble, and whether rules were relaxed (``force`` only): the first free
+        position after ``after`` (the previous bubble's box) in reading order, covering the fewest character
+        cells. None when nothing fits (without ``force``: nothing free in reading order)."""
+        g = self.g
+        cw, ch = math.ceil(w / g), math.ceil(h / g)
+        if cw > self.cols or ch > self.rows or cw == 0 or ch == 0:
+            return None
+        taken = _window_sums(self.taken, ch, cw)
+        covered = _window_sums(self.forbidden, ch, cw)
+        ys, xs = np.meshgrid(self.box[1] + g * np.arange(taken.shape[0]), self.box[0] + g * np.arange(taken.shape[1]),
+                             indexing="ij")
+        ordered = np.ones_like(taken, dtype=bool)
+        if after is not None:
+            beside = (xs + w <= after[0] - gap) if rtl else (xs >= after[2] + gap)
+            ordered = (ys >= after[3] + gap) | ((ys >= after[1]) & beside)
+        relaxed = False
+        for valid in ((taken == 0) & ordered, taken == 0, np.ones_like(ordered)):
+            if valid.any():
+                break
+            if not force:
+                return None
+            relaxed = True
+        order = np.lexsort(((-(xs + w) if rtl else xs)[valid], ys[valid], covered[valid], taken[valid]))
+        y, x = int(ys[valid][order[0]]), int(xs[valid][order[0]])
+        x0, y0 = (x - gap - self.box[0]) // g, (y - gap - self.box[1]) // g
+        x1, y1 = -(-(x + w + gap - self.box[0]) // g), -(-(y + h + gap - self.box[1]) // g)
+        self.taken[max(y0, 0):y1, max(x0, 0):x1] = True
+        return x, y, relaxed
+
+
+def _tail_tip(item, box: tuple, panel: "_Placed", area: tuple, size: int, others: list) -> tuple[int, int] | None:
+    """Where the tail of ``item`` (placed at ``box``) ends, in page pixels (module docstring); ``others``: the
+    boxes of the panel's other bubbles."""
+    if item.speaker is None:
+        return None
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    region = panel.regions.get(item.speaker)
+    if region is not None and region.any():
+        step = max(1, math.ceil(max(region.shape) / 512))  # bounded search on huge panels
+        pts = np.argwhere(region[::step, ::step]) * step
+        d = (pts[:, 0] + panel.box[1] - cy) ** 2 + (pts[:, 1] + panel.box[0] - cx) ** 2
+        y, x = pts[int(np.argmin(d))]
+        return int(x + panel.box[0]), int(y + panel.box[1])
+    if item.speaker in panel.characters:
+        frac = (panel.characters.index(item.speaker) + 0.5) / len(panel.characters)
+        x = area[2] - frac * (area[2] - area[0]) if panel.rtl else area[0] + frac * (area[2] - area[0])
+        tip = x, min(box[3] + max(2 * size, 0.15 * (area[3] - area[1])), area[3] - 1)
+    else:
+        tip = (area[0] if cx - area[0] < area[2] - cx else area[2] - 1), cy
+    # a heuristic target: stop short of the other bubbles instead of running under them
+    steps = max(1, int(math.hypot(tip[0] - cx, tip[1] - cy) // 2))
+    for k in range(1, steps + 1):
+        x, y = cx + (tip[0] - cx) * k / steps, cy + (tip[1] - cy) * k / steps
+        if any(o[0] <= x < o[2] and o[1] <= y < o[3] for o in others):
+            return int(cx + (tip[0] - cx) * (k - 1) / steps), int(cy + (tip[1] - cy) * (k - 1) / steps)
+    return int(tip[0]), int(tip[1])
+
+
+def _ellipse(cx, cy, a, b, angles) -> list[tuple[float, float]]:
+    return [(cx + a * math.cos(t), cy + b * math.sin(t)) for t in angles]
+
+
+def _outline(kind: str, cx, cy, a, b, ext, tip) -> list[tuple[float, float]]:
+    """The closed outline of a speech, whisper or shout body with its tail (tip None: no tail)."""
+    spikes = kind == "shout"
+    n = 2 * max(8, round(math.pi * (a + b) / (3 * ext))) + 1 if spikes else 97  # odd: ends on the ellipse
+    if tip is None:
+        angles, ends = [2 * math.pi * i / (n - 1) for i in range(n - 1)], []
+    else:
+        t = math.atan2((tip[1] - cy) / b, (tip[0] - cx) / a)
+        angles = [t + TAIL_HALF_ANGLE + (2 * math.pi - 2 * TAIL_HALF_ANGLE) * i / (n - 1) for i in range(n)]
+        ends = [tip]
+    pts = []
+    for i, ang in enumerate(angles):
+        grow = ext if spikes and i % 2 else 0
+        pts += _ellipse(cx, cy, a + grow, b + grow, [ang])
+    return pts + ends
+
+
+def _dashes(draw: ImageDraw.ImageDraw, pts, lw: int) -> None:
+    """A dashed closed line through ``pts``."""
+    on, off = 3 * lw + 3, 2 * lw + 3
+    pos = 0.0
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        s = 0.0
+        while s < length:
+            phase = pos % (on + off)
+            step = min((on - phase) if phase < on else (on + off - phase), length - s)
+            if phase < on:
+                f0, f1 = s / length, (s + step) / length
+                draw.line([(x0 + (x1 - x0) * f0, y0 + (y1 - y0) * f0), (x0 + (x1 - x0) * f1, y0 + (y1 - y0) * f1)],
+                          fill=INK, width=lw)
+            s += step
+            pos += step
+
+
+def _extend(cx, cy, a, b, tip, length: float, panel_box: tuple) -> tuple[float, float]:
+    """``tip``, moved out along the ray from the centre to at least ``length`` px beyond the ellipse (a target
+    under the bubble itself), kept inside the panel."""
+    dx, dy = tip[0] - cx, tip[1] - cy
+    norm = math.hypot(dx / a, dy / b)
+    dist = math.hypot(dx, dy)
+    if norm == 0 or dist == 0:
+        dx, dy, norm, dist = 0.0, 1.0, 1 / b, 1.0
+    edge = dist / norm
+    if dist < edge + length:
+        dx, dy = dx / dist * (edge + length), dy / dist * (edge + length)
+    return (min(max(cx + dx, panel_box[0]), panel_box[2] - 1), min(max(cy + dy, panel_box[1]), panel_box[3] - 1))
+
+
+def _draw(draw: ImageDraw.ImageDraw, item, s: _Sized, x: int, y: int, tip, panel_box: tuple, size: int):
+    """Draw one bubble with its top-left at (x, y) (overlay coordinates); returns the drawn tail tip."""
+    lw, ext = s.lw, s.ext
+    cx, cy = x + s.w / 2, y + s.h / 2
+    if item.kind == NARRATION:
+        draw.rectangle((x, y, x + s.w - 1, y + s.h - 1), fill=NARRATION_FILL, outline=INK, width=lw)
+    else:
+        a, b = math.sqrt(2) * (s.tw / 2 + s.pad), math.sqrt(2) * (s.th / 2 + s.pad)
+        if tip is not None:
+            tip = _extend(cx, cy, a, b, tip, size + ext + lw, panel_box)
+        if item.kind == "thought":
+            _cloud(draw, cx, cy, a, b, max(ext, 2), lw, tip)
+        else:
+            pts = _outline(item.kind, cx, cy, a, b, ext, tip)
+            draw.polygon(pts, fill=FILL)
+            if item.kind == "whisper":
+                _dashes(draw, pts, lw)
+            else:
+                draw.line(pts + pts[:1], fill=INK, width=lw, joint="curve")
+    top = cy - s.th / 2
+    for i, line in enumerate(s.lines):
+        draw.text((cx, top + i * s.line_h), line, font=s.font, fill=INK, anchor="ma", direction=s.direction)
+    return tip
+
+
+def _cloud(draw, cx, cy, a, b, r, lw, tip) -> None:
+    """A cloud: bumps of radius ``r`` along the ellipse (a, b), and trailing circles toward ``tip``."""
+    n = max(8, round(2 * math.pi * math.sqrt((a * a + b * b) / 2) / (1.4 * r)))
+    bumps = [(px, py, r) for px, py in _ellipse(cx, cy, a, b, [2 * math.pi * i / n for i in range(n)])]
+    trail = []
+    if tip is not None:
+        dx, dy = tip[0] - cx, tip[1] - cy
+        edge = math.hypot(dx, dy) / max(math.hypot(dx / a, dy / b), 1e-9)
+        start = (edge + r) / max(math.hypot(dx, dy), 1e-9)
+        trail = [(cx + dx * (start + (1 - start) * f), cy + dy * (start + (1 - start) * f), max(2.0, r * q))
+                 for f, q in ((0.2, 0.5), (0.6, 0.36), (1.0, 0.24))]
+    for grow, color in ((lw, INK), (0, FILL)):
+        draw.ellipse((cx - a - grow, cy - b - grow, cx + a + grow, cy + b + grow), fill=color)
+        for px, py, rr in bumps + trail:
+            draw.ellipse((px - rr - grow, py - rr - grow, px + rr + grow, py + rr + grow), fill=color)
+
+
+@dataclass(frozen=True)
+class _PanelInfo:
+    """One panel's dialogue lines, its named characters in story order, their mask rows (name -> (H, W) tensor;
+    empty without masks) and the reading direction."""
+
+    dialogue: tuple
+    characters: tuple
+    masks: dict
+    rtl: bool
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """A panel being drawn: its box on the page and its characters' mask regions (bool, box sized)."""
+
+    box: tuple
+    characters: tuple
+    regions: dict
+    rtl: bool
+
+
+def _fit_panel(info: _PanelInfo, panel: _Placed, area_box: tuple, fonts: CaptionFonts, start: int):
+    """Font size, measured bubbles, their positions ((x, y, relaxed) or None) and which overflowed."""
+    forbidden = None
+    if panel.regions:
+        px0, py0 = area_box[0] - panel.box[0], area_box[1] - panel.box[1]
+        union = np.logical_or.reduce(list(panel.regions.values()))
+        forbidden = union[py0:py0 + area_box[3] - area_box[1], px0:px0 + area_box[2] - area_box[0]]
+    max_w, max_h = area_box[2] - area_box[0], area_box[3] - area_box[1]
+    size = start
+    while True:
+        final = size <= MIN_FONT
+        sized = [_measure(d, fonts, size, max_w, max_h, may_cut=final) for d in info.dialogue]
+        area, spots, prev = _Area(area_box, forbidden), [], None
+        gap = max(2, size // 3)
+        for s in sized:
+            spot = area.place(s.w, s.h, prev, info.rtl, gap, force=final) if s else None
+            if spot is None and not final:
+                break
+            spots.append(spot)
+            if spot is not None:
+                prev = (spot[0], spot[1], spot[0] + s.w, spot[1] + s.h)
+        else:
+            over = [s is None or p is None or s.cut or p[2] for s, p in zip(sized, spots)]
+            return size, sized, spots, over
+        size = max(MIN_FONT, int(size * SHRINK))
+
+
+class DialogueDrawer:
+    """Draws each panel's dialogue (``compose_pages``' ``on_panel`` hook) and records the bubbles and their masks.
+
+    One object per ``compose_comic`` call (nothing outlives it). ``panels``: a ``_PanelInfo`` per panel index;
+    ``image_hw``: the panel images' size (masks are resized to it before the panels' centre crop).
+    """
+
+    def __init__(self, spec: LayoutSpec, panels: list, fonts: CaptionFonts | None, image_hw: tuple):
+        self.spec, self.panels, self.fonts, self.image_hw = spec, panels, fonts, image_hw
+        self.bubbles: list[Bubble] = []
+        self.masks: dict[int, np.ndarray] = {}
+
+    def __call__(self, page_no: int, i: int, page: Image.Image, box: tuple, caption_top: int) -> None:
+        info = self.panels[i]
+        if not info.dialogue:
+            return
+        x0, y0, x1, y1 = box
+        panel = _Placed(box, info.characters, _regions(info.masks, self.image_hw, box), info.rtl)
+        margin = max(3, min(x1 - x0, y1 - y0) // 40)
+        area = (x0 + margin, y0 + margin, x1 - margin, min(y1, caption_top) - margin)
+        size, sized, spots, over = _fit_panel(info, panel, area, self.fonts, self.spec.caption_font_size)
+        overlay = Image.new("RGBA", (x1 - x0, y1 - y0), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(overlay)
+        local = (0, 0, x1 - x0, y1 - y0)
+        bodies = [None if s is None or p is None else (p[0], p[1], p[0] + s.w, p[1] + s.h) for s, p in zip(sized, spots)]
+        for item, s, body, bad in zip(info.dialogue, sized, bodies, over):
+            record = dict(page=page_no, panel=i, line=item.line, kind=item.kind, speaker=item.speaker,
+                          text=item.text, font_size=size, overflow=bad)
+            if body is None:
+                self.bubbles.append(Bubble(box=None, text_box=None, tail=None, lines=(), **record))
+                continue
+            bx, by = body[:2]
+            target = _tail_tip(item, body, panel, area, size, [b for b in bodies if b is not None and b != body])
+            local_tip = None if target is None else (target[0] - x0, target[1] - y0)
+            tip = _draw(draw, item, s, bx - x0, by - y0, local_tip, local, size)
+            cx, cy = bx + s.w / 2, by + s.h / 2
+            hw, hh = s.tw / 2 + s.pad, s.th / 2 + s.pad
+            text_box = (math.floor(cx - hw), math.floor(cy - hh), math.ceil(cx + hw), math.ceil(cy + hh))
+            tail = None if tip is None else (round(tip[0] + x0), round(tip[1] + y0))
+            self.bubbles.append(Bubble(box=body, text_box=text_box, tail=tail, lines=tuple(s.lines), **record))
+        if any(over):
+            log.warning("%s: the dialogue of panel %d does not fit (story lines %s), even at %d px: drawn cut or "
+                        "overlapping", NODE_ID, i + 1, ", ".join(str(d.line) for d, o in zip(info.dialogue, over) if o),
+                        size)
+        region = page.crop(box).convert("RGBA")
+        page.paste(Image.alpha_composite(region, overlay).convert("RGB"), box[:2])
+        mask = self.masks.setdefault(page_no, np.zeros((self.spec.page_height, self.spec.page_width), np.float32))
+        mask[y0:y1, x0:x1] = np.maximum(mask[y0:y1, x0:x1], np.asarray(overlay)[..., 3] / 255.0)
+
+    def layout_json(self) -> str:
+        """The bubbles as a JSON list of objects (``Bubble``'s fields; tuples as lists)."""
+        return json.dumps([asdict(b) for b in self.bubbles], ensure_ascii=False)
+
+    def mask_batch(self, pages: int) -> torch.Tensor:
+        """MASK ``(pages, page_height, page_width)`` float32: 1 where a bubble (tail, box) covers the page."""
+        out = torch.zeros(pages, self.spec.page_height, self.spec.page_width)
+        for page_no, mask in self.masks.items():
+            out[page_no] = torch.from_numpy(mask)
+        return out
+
+
+def _regions(masks: dict, image_hw: tuple, box: tuple) -> dict:
+    """Each character's mask region (mask >= MASK_THRESHOLD) in the panel ``box``, resized to the image size and
+    centre-cropped exactly as the panel image."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    out = {}
+    for name, row in masks.items():
+        img = Image.fromarray((row.detach().float().cpu().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8))
+        img = img.resize(image_hw[::-1], Image.Resampling.BILINEAR)
+        out[name] = np.asarray(fit_cover(np.asarray(img), w, h)) >= MASK_THRESHOLD * 255
+    return out
+
+
+def compose_comic(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | None = None, story=None,
+                  character_masks: torch.Tensor | None = None) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """Comic pages with captions and dialogue bubbles (SDN_ComicLayout).
+
+    images, spec, captions: as ``compose_pages``. story: a parser ``Story`` with one panel per image (panel i =
+    image i); its captions are used when ``captions`` is None, and its panels' dialogue is drawn.
+    character_masks: MASK ``(panels x characters, H, W)`` in 0..1, row = panel x characters + character (story
+    order; SDN_CharacterMaskImages' output), any H x W of the panels' aspect; needs ``story``.
+    Returns ``(pages, layout, bubble_masks)``: IMAGE ``(pages, page_height, page_width, 3)``, the bubbles as a
+    JSON list (``Bubble``'s fields), MASK ``(pages, page_height, page_width)`` float32, 1 on the bubbles.
+    NodeInputError as ``compose_pages``; for a story whose panel count is not the images', masks without a story
+    or with another row count, and dialogue no font can draw (input ``story``).
+    """
+    count = images.shape[0] if isinstance(images, torch.Tensor) and images.ndim == 4 else None
+    names = tuple(story.characters) if story is not None else ()
+    if character_masks is not None:
+        if story is None:
+            raise NodeInputError(NODE_ID, "character_masks", "the story input connected too (it tells which rows "
+                                 "belong to which panel and character)", got="masks without a story")
+        if (not isinstance(character_masks, torch.Tensor) or character_masks.ndim != 3
+                or count is None or character_masks.shape[0] != count * len(names)):
+            raise NodeInputError(NODE_ID, "character_masks", f"a MASK of {count} panels x {len(names)} characters "
+                                 "rows (SDN_CharacterMaskImages' masks of these panels)",
+                                 got=str(tuple(character_masks.shape)) if isinstance(character_masks, torch.Tensor)
+                                 else type(character_masks).__name__)
+    infos, fonts = [], None
+    if story is not None:
+        if count is not None and len(story.panels) != count:
+            raise NodeInputError(NODE_ID, "story", f"the story of these {count} panel images (one panel per image)",
+                                 got=f"a story of {len(story.panels)} panels")
+        if captions is None:
+            captions = list(story.captions)
+        rtl = spec.reading_direction == "right-to-left"
+        for k, p in enumerate(story.panels):
+            masks = {} if character_masks is None else {
+                n: character_masks[k * len(names) + names.index(n)] for n in p.characters}
+            infos.append(_PanelInfo(p.dialogue, p.characters, masks, rtl))
+        texts = [(d.text, f"panel {k + 1}, line {d.line}") for k, p in enumerate(story.panels) for d in p.dialogue]
+        if texts:
+            fonts = CaptionFonts(spec.font_path, comic=True, input_name="story")
+            fonts.pick([t for t, _ in texts], [label for _, label in texts])
+    drawer = DialogueDrawer(spec, infos, fonts, tuple(images.shape[1:3]) if count else (1, 1))
+    pages = compose_pages(images, spec, captions, on_panel=drawer if fonts is not None else None)
+    return pages, drawer.layout_json(), drawer.mask_batch(pages.shape[0])
