@@ -12,9 +12,9 @@ Shapes, one outline around body and tail:
 * whisper: the speech shape with a dashed outline;
 * narration (a ``>`` line without speaker): a pale yellow box, no tail.
 
-Text is wrapped to a block about 2.5 times as wide as tall (at most what the panel allows) and centred; the
-ellipse passes through the corners of the padded text block (semi-axes sqrt(2) x its half sizes), so the text
-lies inside the shape.
+Text is wrapped into balanced lines making a block about 2.5 times as wide as tall (at most what the panel
+allows) and centred; the ellipse passes through the corners of the text block padded by a third of the font size
+plus the outline width (semi-axes sqrt(2) x its half sizes), so the text and its padding lie inside the outline.
 
 Placement, per panel, inside the panel (a margin off its border) and above its caption box, in dialogue order:
 each bubble takes the first free position in reading order, top-most first, then left-most (right-most on
@@ -26,7 +26,8 @@ the font shrinks in 0.85x steps from ``caption_font_size`` down to ``MIN_FONT``;
 are drawn where they cover the least (text cut with "...", maybe over another bubble) and reported: ``overflow``
 in the layout and a warning naming the panel.
 
-Tails end at the speaker: on the pixel of its mask region nearest to the bubble's centre; without a mask (or an
+Tails end at the speaker: on its mask region, a font size beyond the region's pixel nearest to the bubble's
+centre (when the region reaches that far); without a mask (or an
 empty one) below the bubble, at the speaker's place among the panel's characters (the first named on the
 reading-start side); a speaker the panel does not name (an off-panel voice) points to the nearer side edge.
 """
@@ -63,7 +64,8 @@ class Bubble:
     line's 1-based story line. ``box``: the body (outline, spikes and cloud bumps included; tails and trailing
     circles reach out of it), None when the panel is too small to draw it at all. ``text_box``: the padded text
     block, inside the body's shape. ``tail``: the tail's tip (thought: the last trailing circle's centre), None
-    for narration. ``overflow``: did not fit (shrunk to MIN_FONT and then cut, moved out of reading order, over
+    for narration. ``lines``: the text as drawn, each line centred on the text box, ``line_height`` px apart from
+    ``text_box``'s centre minus half their height (Pillow anchor "ma"). ``overflow``: did not fit (shrunk to MIN_FONT and then cut, moved out of reading order, over
     another bubble, or not drawn)."""
 
     page: int
@@ -77,6 +79,7 @@ class Bubble:
     tail: tuple | None
     font_size: int
     lines: tuple
+    line_height: int
     overflow: bool
 
 
@@ -107,9 +110,12 @@ def _measure(item, fonts: CaptionFonts, size: int, max_w: int, max_h: int, may_c
     ascent, descent = font.getmetrics()
     line_h, pad, lw = ascent + descent + max(1, size // 8), max(2, size // 3), max(1, round(size / 10))
     ext = 0 if item.kind in (NARRATION, "speech", "whisper") else round(0.6 * size)  # spikes, cloud bumps
-    k = 1.0 if item.kind == NARRATION else math.sqrt(2)  # box, or the ellipse through the block's corners
-    width = int((max_w - 2 * ext - 2 * lw) / k) - 2 * pad
-    max_lines = (int((max_h - 2 * ext - 2 * lw) / k) - 2 * pad) // line_h
+    # a box around the padded block, or an ellipse through the corners of the block padded by pad + lw (the
+    # outline's inner half stays off the text box), plus spikes or bumps and the outline's outer half
+    k, core = (1.0, 0) if item.kind == NARRATION else (math.sqrt(2), 2 * lw)
+    inner = 2 * pad + 2 * lw
+    width = int((max_w - 2 * ext - core) / k) - inner
+    max_lines = (int((max_h - 2 * ext - core) / k) - inner) // line_h
     if width < size or max_lines < 1:
         return None
     text = item.text
@@ -125,7 +131,7 @@ def _measure(item, fonts: CaptionFonts, size: int, max_w: int, max_h: int, may_c
     if not lines:
         return None
     tw, th = math.ceil(max(map(measure, lines))), len(lines) * line_h
-    w, h = (math.ceil(k * (d + 2 * pad) + 2 * ext + 2 * lw) for d in (tw, th))
+    w, h = (math.ceil(k * (d + inner) + 2 * ext + core) for d in (tw, th))
     return _Sized(font, direction, lines, line_h, pad, lw, ext, tw, th, w, h, cut)
 
 
@@ -161,10 +167,10 @@ class _Area:
             f = forbidden[:self.rows * g, :self.cols * g]
             self.forbidden = f.reshape(self.rows, g, self.cols, g).any(axis=(1, 3))
 
-    def place(self, w: int, h: int, after: tuple | None, rtl: bool, gap: int, force: bool):
+    def place(self, w: int, h: int, after: tuple | None, gap: int, force: bool):
         """Top-left ``(x, y)`` of a w x h bubble, and whether rules were relaxed (``force`` only): the first free
-        position after ``after`` (the previous bubble's box) in reading order, covering the fewest character
-        cells. None when nothing fits (without ``force``: nothing free in reading order)."""
+        position after ``after`` (the previous bubble's box) in left-to-right reading order, covering the fewest
+        character cells. None when nothing fits (without ``force``: nothing free in reading order)."""
         g = self.g
         cw, ch = math.ceil(w / g), math.ceil(h / g)
         if cw > self.cols or ch > self.rows or cw == 0 or ch == 0:
@@ -175,8 +181,7 @@ class _Area:
                              indexing="ij")
         ordered = np.ones_like(taken, dtype=bool)
         if after is not None:
-            beside = (xs + w <= after[0] - gap) if rtl else (xs >= after[2] + gap)
-            ordered = (ys >= after[3] + gap) | ((ys >= after[1]) & beside)
+            ordered = (ys >= after[3] + gap) | ((ys >= after[1]) & (xs >= after[2] + gap))
         relaxed = False
         for valid in ((taken == 0) & ordered, taken == 0, np.ones_like(ordered)):
             if valid.any():
@@ -184,7 +189,7 @@ class _Area:
             if not force:
                 return None
             relaxed = True
-        order = np.lexsort(((-(xs + w) if rtl else xs)[valid], ys[valid], covered[valid], taken[valid]))
+        order = np.lexsort((xs[valid], ys[valid], covered[valid], taken[valid]))
         y, x = int(ys[valid][order[0]]), int(xs[valid][order[0]])
         x0, y0 = (x - gap - self.box[0]) // g, (y - gap - self.box[1]) // g
         x1, y1 = -(-(x + w + gap - self.box[0]) // g), -(-(y + h + gap - self.box[1]) // g)
@@ -204,6 +209,14 @@ def _tail_tip(item, box: tuple, panel: "_Placed", area: tuple, size: int, others
         pts = np.argwhere(region[::step, ::step]) * step
         d = (pts[:, 0] + panel.box[1] - cy) ** 2 + (pts[:, 1] + panel.box[0] - cx) ** 2
         y, x = pts[int(np.argmin(d))]
+        # then up to one font size deeper into the region along the same line, off its fuzzy edge
+        dx, dy = x + panel.box[0] - cx, y + panel.box[1] - cy
+        norm = max(math.hypot(dx, dy), 1e-9)
+        for k in range(size, 0, -1):
+            xi, yi = int(round(x + dx / norm * k)), int(round(y + dy / norm * k))
+            if 0 <= yi < region.shape[0] and 0 <= xi < region.shape[1] and region[yi, xi]:
+                x, y = xi, yi
+                break
         return int(x + panel.box[0]), int(y + panel.box[1])
     if item.speaker in panel.characters:
         frac = (panel.characters.index(item.speaker) + 0.5) / len(panel.characters)
@@ -224,41 +237,6 @@ def _ellipse(cx, cy, a, b, angles) -> list[tuple[float, float]]:
     return [(cx + a * math.cos(t), cy + b * math.sin(t)) for t in angles]
 
 
-def _outline(kind: str, cx, cy, a, b, ext, tip) -> list[tuple[float, float]]:
-    """The closed outline of a speech, whisper or shout body with its tail (tip None: no tail)."""
-    spikes = kind == "shout"
-    n = 2 * max(8, round(math.pi * (a + b) / (3 * ext))) + 1 if spikes else 97  # odd: ends on the ellipse
-    if tip is None:
-        angles, ends = [2 * math.pi * i / (n - 1) for i in range(n - 1)], []
-    else:
-        t = math.atan2((tip[1] - cy) / b, (tip[0] - cx) / a)
-        angles = [t + TAIL_HALF_ANGLE + (2 * math.pi - 2 * TAIL_HALF_ANGLE) * i / (n - 1) for i in range(n)]
-        ends = [tip]
-    pts = []
-    for i, ang in enumerate(angles):
-        grow = ext if spikes and i % 2 else 0
-        pts += _ellipse(cx, cy, a + grow, b + grow, [ang])
-    return pts + ends
-
-
-def _dashes(draw: ImageDraw.ImageDraw, pts, lw: int) -> None:
-    """A dashed closed line through ``pts``."""
-    on, off = 3 * lw + 3, 2 * lw + 3
-    pos = 0.0
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):
-        length = math.hypot(x1 - x0, y1 - y0)
-        s = 0.0
-        while s < length:
-            phase = pos % (on + off)
-            step = min((on - phase) if phase < on else (on + off - phase), length - s)
-            if phase < on:
-                f0, f1 = s / length, (s + step) / length
-                draw.line([(x0 + (x1 - x0) * f0, y0 + (y1 - y0) * f0), (x0 + (x1 - x0) * f1, y0 + (y1 - y0) * f1)],
-                          fill=INK, width=lw)
-            s += step
-            pos += step
-
-
 def _extend(cx, cy, a, b, tip, length: float, panel_box: tuple) -> tuple[float, float]:
     """``tip``, moved out along the ray from the centre to at least ``length`` px beyond the ellipse (a target
     under the bubble itself), kept inside the panel."""
@@ -273,46 +251,95 @@ def _extend(cx, cy, a, b, tip, length: float, panel_box: tuple) -> tuple[float, 
     return (min(max(cx + dx, panel_box[0]), panel_box[2] - 1), min(max(cy + dy, panel_box[1]), panel_box[3] - 1))
 
 
-def _draw(draw: ImageDraw.ImageDraw, item, s: _Sized, x: int, y: int, tip, panel_box: tuple, size: int):
-    """Draw one bubble with its top-left at (x, y) (overlay coordinates); returns the drawn tail tip."""
-    lw, ext = s.lw, s.ext
+@dataclass(frozen=True)
+class _Shape:
+    """A placed bubble's geometry (overlay pixels): centre, ellipse semi-axes, the tail's tip (None: no tail)
+    and the angle of the outline where the tail leaves it."""
+
+    cx: float
+    cy: float
+    a: float
+    b: float
+    tip: tuple | None
+    angle: float
+
+
+def _shape(item, s: _Sized, x: int, y: int, tip, panel_box: tuple, size: int) -> _Shape:
     cx, cy = x + s.w / 2, y + s.h / 2
+    a, b = math.sqrt(2) * (s.tw / 2 + s.pad + s.lw), math.sqrt(2) * (s.th / 2 + s.pad + s.lw)
+    if tip is None or item.kind == NARRATION:
+        return _Shape(cx, cy, a, b, None, 0.0)
+    tip = _extend(cx, cy, a, b, tip, size + s.ext + s.lw, panel_box)
+    return _Shape(cx, cy, a, b, tip, math.atan2((tip[1] - cy) / b, (tip[0] - cx) / a))
+
+
+def _line(draw: ImageDraw.ImageDraw, pts, lw: int, dashed: bool) -> None:
+    """An open polyline through ``pts``: solid, or dashed (whispers)."""
+    if not dashed:
+        draw.line(pts, fill=INK, width=lw, joint="curve")
+        return
+    on, off = 3 * lw + 3, 2 * lw + 3
+    pos = 0.0
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        length, done = math.hypot(x1 - x0, y1 - y0), 0.0
+        while done < length:
+            phase = pos % (on + off)
+            step = min((on - phase) if phase < on else (on + off - phase), length - done)
+            if phase < on:
+                f0, f1 = done / length, (done + step) / length
+                draw.line([(x0 + (x1 - x0) * f0, y0 + (y1 - y0) * f0), (x0 + (x1 - x0) * f1, y0 + (y1 - y0) * f1)],
+                          fill=INK, width=lw)
+            done += step
+            pos += step
+
+
+def _draw_tail(draw: ImageDraw.ImageDraw, item, s: _Sized, g: _Shape) -> None:
+    """The tail (thought: the trailing circles), drawn before every body so that bodies cover tails that cross
+    them; its base lies inside its own body, which covers it."""
+    if g.tip is None:
+        return
+    if item.kind == "thought":
+        r = max(s.ext, 2)
+        dx, dy = g.tip[0] - g.cx, g.tip[1] - g.cy
+        edge = math.hypot(dx, dy) / max(math.hypot(dx / g.a, dy / g.b), 1e-9)
+        start = (edge + r) / max(math.hypot(dx, dy), 1e-9)
+        trail = [(g.cx + dx * (start + (1 - start) * f), g.cy + dy * (start + (1 - start) * f), max(2.0, r * q))
+                 for f, q in ((0.2, 0.5), (0.6, 0.36), (1.0, 0.24))]
+        for px, py, rr in trail:
+            draw.ellipse((px - rr - s.lw, py - rr - s.lw, px + rr + s.lw, py + rr + s.lw), fill=INK)
+            draw.ellipse((px - rr, py - rr, px + rr, py + rr), fill=FILL)
+        return
+    left, right = _ellipse(g.cx, g.cy, g.a, g.b, [g.angle - TAIL_HALF_ANGLE, g.angle + TAIL_HALF_ANGLE])
+    draw.polygon([left, g.tip, right, (g.cx, g.cy)], fill=FILL)
+    _line(draw, [left, g.tip, right], s.lw, item.kind == "whisper")
+
+
+def _draw_body(draw: ImageDraw.ImageDraw, item, s: _Sized, x: int, y: int, g: _Shape) -> None:
+    """The body, its outline open where the tail leaves it, and the text."""
+    lw, ext = s.lw, s.ext
     if item.kind == NARRATION:
         draw.rectangle((x, y, x + s.w - 1, y + s.h - 1), fill=NARRATION_FILL, outline=INK, width=lw)
+    elif item.kind == "thought":
+        r = max(ext, 2)
+        n = max(8, round(2 * math.pi * math.sqrt((g.a ** 2 + g.b ** 2) / 2) / (1.4 * r)))
+        bumps = _ellipse(g.cx, g.cy, g.a, g.b, [2 * math.pi * i / n for i in range(n)])
+        for grow, color in ((lw, INK), (0, FILL)):
+            draw.ellipse((g.cx - g.a - grow, g.cy - g.b - grow, g.cx + g.a + grow, g.cy + g.b + grow), fill=color)
+            for px, py in bumps:
+                draw.ellipse((px - r - grow, py - r - grow, px + r + grow, py + r + grow), fill=color)
     else:
-        a, b = math.sqrt(2) * (s.tw / 2 + s.pad), math.sqrt(2) * (s.th / 2 + s.pad)
-        if tip is not None:
-            tip = _extend(cx, cy, a, b, tip, size + ext + lw, panel_box)
-        if item.kind == "thought":
-            _cloud(draw, cx, cy, a, b, max(ext, 2), lw, tip)
-        else:
-            pts = _outline(item.kind, cx, cy, a, b, ext, tip)
-            draw.polygon(pts, fill=FILL)
-            if item.kind == "whisper":
-                _dashes(draw, pts, lw)
-            else:
-                draw.line(pts + pts[:1], fill=INK, width=lw, joint="curve")
-    top = cy - s.th / 2
+        spikes = item.kind == "shout"
+        n = 2 * max(8, round(math.pi * (g.a + g.b) / (3 * ext))) + 1 if spikes else 97  # odd: ends on the ellipse
+        gap = 0.0 if g.tip is None else TAIL_HALF_ANGLE
+        angles = [g.angle + gap + (2 * math.pi - 2 * gap) * i / (n - 1) for i in range(n)]
+        arc = [_ellipse(g.cx, g.cy, g.a + grow, g.b + grow, [t])[0]
+               for t, grow in zip(angles, [ext if spikes and i % 2 else 0 for i in range(n)])]
+        mouth = _ellipse(g.cx, g.cy, g.a, g.b, [g.angle - gap + 2 * gap * i / 8 for i in range(9)])
+        draw.polygon(arc + mouth, fill=FILL)
+        _line(draw, arc if g.tip is not None else arc + arc[:1], lw, item.kind == "whisper")
+    top = g.cy - s.th / 2
     for i, line in enumerate(s.lines):
-        draw.text((cx, top + i * s.line_h), line, font=s.font, fill=INK, anchor="ma", direction=s.direction)
-    return tip
-
-
-def _cloud(draw, cx, cy, a, b, r, lw, tip) -> None:
-    """A cloud: bumps of radius ``r`` along the ellipse (a, b), and trailing circles toward ``tip``."""
-    n = max(8, round(2 * math.pi * math.sqrt((a * a + b * b) / 2) / (1.4 * r)))
-    bumps = [(px, py, r) for px, py in _ellipse(cx, cy, a, b, [2 * math.pi * i / n for i in range(n)])]
-    trail = []
-    if tip is not None:
-        dx, dy = tip[0] - cx, tip[1] - cy
-        edge = math.hypot(dx, dy) / max(math.hypot(dx / a, dy / b), 1e-9)
-        start = (edge + r) / max(math.hypot(dx, dy), 1e-9)
-        trail = [(cx + dx * (start + (1 - start) * f), cy + dy * (start + (1 - start) * f), max(2.0, r * q))
-                 for f, q in ((0.2, 0.5), (0.6, 0.36), (1.0, 0.24))]
-    for grow, color in ((lw, INK), (0, FILL)):
-        draw.ellipse((cx - a - grow, cy - b - grow, cx + a + grow, cy + b + grow), fill=color)
-        for px, py, rr in bumps + trail:
-            draw.ellipse((px - rr - grow, py - rr - grow, px + rr + grow, py + rr + grow), fill=color)
+        draw.text((g.cx, top + i * s.line_h), line, font=s.font, fill=INK, anchor="ma", direction=s.direction)
 
 
 @dataclass(frozen=True)
@@ -343,6 +370,9 @@ def _fit_panel(info: _PanelInfo, panel: _Placed, area_box: tuple, fonts: Caption
         px0, py0 = area_box[0] - panel.box[0], area_box[1] - panel.box[1]
         union = np.logical_or.reduce(list(panel.regions.values()))
         forbidden = union[py0:py0 + area_box[3] - area_box[1], px0:px0 + area_box[2] - area_box[0]]
+        forbidden = forbidden[:, ::-1] if info.rtl else forbidden
+    # right to left is placed left to right in the mirrored area, then mirrored back
+    mirror = (lambda x, w: area_box[0] + area_box[2] - x - w) if info.rtl else (lambda x, w: x)  # noqa: E731
     max_w, max_h = area_box[2] - area_box[0], area_box[3] - area_box[1]
     size = start
     while True:
@@ -351,12 +381,13 @@ def _fit_panel(info: _PanelInfo, panel: _Placed, area_box: tuple, fonts: Caption
         area, spots, prev = _Area(area_box, forbidden), [], None
         gap = max(2, size // 3)
         for s in sized:
-            spot = area.place(s.w, s.h, prev, info.rtl, gap, force=final) if s else None
+            spot = area.place(s.w, s.h, prev, gap, force=final) if s else None
             if spot is None and not final:
                 break
-            spots.append(spot)
             if spot is not None:
                 prev = (spot[0], spot[1], spot[0] + s.w, spot[1] + s.h)
+                spot = (mirror(spot[0], s.w), spot[1], spot[2])
+            spots.append(spot)
         else:
             over = [s is None or p is None or s.cut or p[2] for s, p in zip(sized, spots)]
             return size, sized, spots, over
@@ -384,25 +415,30 @@ class DialogueDrawer:
         margin = max(3, min(x1 - x0, y1 - y0) // 40)
         area = (x0 + margin, y0 + margin, x1 - margin, min(y1, caption_top) - margin)
         size, sized, spots, over = _fit_panel(info, panel, area, self.fonts, self.spec.caption_font_size)
-        overlay = Image.new("RGBA", (x1 - x0, y1 - y0), (0, 0, 0, 0))
-        draw = ImageDraw.Draw(overlay)
-        local = (0, 0, x1 - x0, y1 - y0)
         bodies = [None if s is None or p is None else (p[0], p[1], p[0] + s.w, p[1] + s.h) for s, p in zip(sized, spots)]
+        shapes = []
         for item, s, body, bad in zip(info.dialogue, sized, bodies, over):
             record = dict(page=page_no, panel=i, line=item.line, kind=item.kind, speaker=item.speaker,
                           text=item.text, font_size=size, overflow=bad)
             if body is None:
-                self.bubbles.append(Bubble(box=None, text_box=None, tail=None, lines=(), **record))
+                self.bubbles.append(Bubble(box=None, text_box=None, tail=None, lines=(), line_height=0, **record))
                 continue
-            bx, by = body[:2]
             target = _tail_tip(item, body, panel, area, size, [b for b in bodies if b is not None and b != body])
-            local_tip = None if target is None else (target[0] - x0, target[1] - y0)
-            tip = _draw(draw, item, s, bx - x0, by - y0, local_tip, local, size)
-            cx, cy = bx + s.w / 2, by + s.h / 2
+            g = _shape(item, s, body[0] - x0, body[1] - y0, None if target is None else (target[0] - x0, target[1] - y0),
+                       (0, 0, x1 - x0, y1 - y0), size)
+            shapes.append((item, s, body, g))
             hw, hh = s.tw / 2 + s.pad, s.th / 2 + s.pad
-            text_box = (math.floor(cx - hw), math.floor(cy - hh), math.ceil(cx + hw), math.ceil(cy + hh))
-            tail = None if tip is None else (round(tip[0] + x0), round(tip[1] + y0))
-            self.bubbles.append(Bubble(box=body, text_box=text_box, tail=tail, lines=tuple(s.lines), **record))
+            cx, cy = g.cx + x0, g.cy + y0
+            text_box = (math.ceil(cx - hw), math.ceil(cy - hh), math.floor(cx + hw), math.floor(cy + hh))
+            tail = None if g.tip is None else (round(g.tip[0] + x0), round(g.tip[1] + y0))
+            self.bubbles.append(Bubble(box=body, text_box=text_box, tail=tail, lines=tuple(s.lines), line_height=s.line_h,
+                                       **record))
+        overlay = Image.new("RGBA", (x1 - x0, y1 - y0), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(overlay)
+        for item, s, body, g in shapes:
+            _draw_tail(draw, item, s, g)
+        for item, s, body, g in shapes:
+            _draw_body(draw, item, s, body[0] - x0, body[1] - y0, g)
         if any(over):
             log.warning("%s: the dialogue of panel %d does not fit (story lines %s), even at %d px: drawn cut or "
                         "overlapping", NODE_ID, i + 1, ", ".join(str(d.line) for d, o in zip(info.dialogue, over) if o),
