@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import unicodedata
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -140,9 +141,12 @@ def _balanced(text: str, measure, width: int, line_h: int) -> list[str]:
     at most ``width`` px, at the narrowest width that keeps that many lines (balanced lines)."""
     lines = max(1, round(math.sqrt(measure(text) / (ASPECT * line_h))))
     fits = lambda w: len(wrap(text, measure, w)) <= lines  # noqa: E731
-    if not fits(width):
+    # never narrower than a word (words of wide CJK characters break anywhere)
+    word = max([measure(w) for w in text.split(" ") if not any(unicodedata.east_asian_width(c) in "WF" for c in w)],
+               default=1)
+    if word >= width or not fits(width):
         return wrap(text, measure, width)
-    narrow = width - _longest(lambda d: fits(width - d), 0, width - 1)
+    narrow = width - _longest(lambda d: fits(width - d), 0, width - math.ceil(word))
     return wrap(text, measure, narrow)
 
 

@@ -321,3 +321,23 @@ def test_errors(B, L, P, errors, host):
     out = layout.execute(**args, captions="\n", story=story)  # SDN_StoryPrompt's captions of this story
     assert out.result[0].shape == (1, 216, 432, 3) and json.loads(out.result[1])[0]["text"] == "Hi"
     assert out.result[2].shape == (1, 216, 432)
+
+
+def test_example_page_is_what_the_script_draws():
+    # the README's page: re-drawn by scripts/make_dialogue_page.py and compared with the committed PNG, with
+    # room for other fonts (a comic font installed elsewhere) and the PNG's palette, not for other panels or order
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("make_dialogue_page", repo / "scripts" / "make_dialogue_page.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    drawn, png = script.draw_example(), repo / "docs" / "dialogue_page.png"
+    committed = Image.open(png).convert("RGB")
+    assert png.stat().st_size < 300_000 and drawn.size == committed.size
+    # at 1/16 scale: 1.5 here, 11 with DejaVu Sans instead of Pillow's font, 27 with the second page left to right
+    small = lambda img: np.asarray(img.resize((img.width // 16, img.height // 16), Image.Resampling.BOX), np.float32)  # noqa: E731
+    assert np.abs(small(drawn) - small(committed)).max(-1).mean() < 18
