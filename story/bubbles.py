@@ -65,9 +65,9 @@ class Bubble:
     line's 1-based story line. ``box``: the body (outline, spikes and cloud bumps included; tails and trailing
     circles reach out of it), None when the panel is too small to draw it at all. ``text_box``: the padded text
     block, inside the body's shape. ``tail``: the tail's tip (thought: the last trailing circle's centre), None
-    for narration. ``lines``: the text as drawn, each line centred on the text box, ``line_height`` px apart from
-    ``text_box``'s centre minus half their height (Pillow anchor "ma"). ``overflow``: did not fit (shrunk to MIN_FONT and then cut, moved out of reading order, over
-    another bubble, or not drawn)."""
+    for narration. ``lines``: the text as drawn, each line centred on the text box, ``line_height`` px apart,
+    from ``text_box``'s centre minus half their height (Pillow anchor "ma"). ``overflow``: did not fit (shrunk to
+    MIN_FONT and then cut, moved out of reading order, over another bubble, or not drawn)."""
 
     page: int
     panel: int
@@ -139,7 +139,10 @@ def _measure(item, fonts: CaptionFonts, size: int, max_w: int, max_h: int, may_c
 def _balanced(text: str, measure, width: int, line_h: int) -> list[str]:
     """``text`` wrapped into about sqrt(length / (ASPECT x line_h)) lines (a block ASPECT times as wide as tall) of
     at most ``width`` px, at the narrowest width that keeps that many lines (balanced lines)."""
-    lines = max(1, round(math.sqrt(measure(text) / (ASPECT * line_h))))
+    length = measure(text)
+    lines = max(1, round(math.sqrt(length / (ASPECT * line_h))))
+    if lines == 1 and length <= width:
+        return [text]
     fits = lambda w: len(wrap(text, measure, w)) <= lines  # noqa: E731
     # never narrower than a word (words of wide CJK characters break anywhere)
     word = max([measure(w) for w in text.split(" ") if not any(unicodedata.east_asian_width(c) in "WF" for c in w)],
@@ -230,7 +233,9 @@ def _tail_tip(item, box: tuple, panel: "_Placed", area: tuple, size: int, others
         tip = (area[0] if cx - area[0] < area[2] - cx else area[2] - 1), cy
     # a heuristic target: stop short of the other bubbles instead of running under them
     steps = max(1, int(math.hypot(tip[0] - cx, tip[1] - cy) // 2))
-    for k in range(1, steps + 1):
+    others = [o for o in others if o[0] <= max(cx, tip[0]) and min(cx, tip[0]) < o[2] and o[1] <= max(cy, tip[1])
+              and min(cy, tip[1]) < o[3]]
+    for k in range(1, steps + 1 if others else 0):
         x, y = cx + (tip[0] - cx) * k / steps, cy + (tip[1] - cy) * k / steps
         if any(o[0] <= x < o[2] and o[1] <= y < o[3] for o in others):
             return int(cx + (tip[0] - cx) * (k - 1) / steps), int(cy + (tip[1] - cy) * (k - 1) / steps)
@@ -381,16 +386,17 @@ def _fit_panel(info: _PanelInfo, panel: _Placed, area_box: tuple, fonts: Caption
     size = start
     while True:
         final = size <= MIN_FONT
-        sized = [_measure(d, fonts, size, max_w, max_h, may_cut=final) for d in info.dialogue]
-        area, spots, prev = _Area(area_box, forbidden), [], None
+        area, sized, spots, prev = _Area(area_box, forbidden), [], [], None
         gap = max(2, size // 3)
-        for s in sized:
+        for d in info.dialogue:
+            s = _measure(d, fonts, size, max_w, max_h, may_cut=final)
             spot = area.place(s.w, s.h, prev, gap, force=final) if s else None
             if spot is None and not final:
                 break
             if spot is not None:
                 prev = (spot[0], spot[1], spot[0] + s.w, spot[1] + s.h)
                 spot = (mirror(spot[0], s.w), spot[1], spot[2])
+            sized.append(s)
             spots.append(spot)
         else:
             over = [s is None or p is None or s.cut or p[2] for s, p in zip(sized, spots)]
@@ -421,22 +427,22 @@ class DialogueDrawer:
         size, sized, spots, over = _fit_panel(info, panel, area, self.fonts, self.spec.caption_font_size)
         bodies = [None if s is None or p is None else (p[0], p[1], p[0] + s.w, p[1] + s.h) for s, p in zip(sized, spots)]
         shapes = []
-        for item, s, body, bad in zip(info.dialogue, sized, bodies, over):
+        for k, (item, s, body, bad) in enumerate(zip(info.dialogue, sized, bodies, over)):
             record = dict(page=page_no, panel=i, line=item.line, kind=item.kind, speaker=item.speaker,
                           text=item.text, font_size=size, overflow=bad)
             if body is None:
                 self.bubbles.append(Bubble(box=None, text_box=None, tail=None, lines=(), line_height=0, **record))
                 continue
-            target = _tail_tip(item, body, panel, area, size, [b for b in bodies if b is not None and b != body])
-            g = _shape(item, s, body[0] - x0, body[1] - y0, None if target is None else (target[0] - x0, target[1] - y0),
-                       (0, 0, x1 - x0, y1 - y0), size)
+            others = [b for j, b in enumerate(bodies) if b is not None and j != k]
+            target = _tail_tip(item, body, panel, area, size, others)
+            local_tip = None if target is None else (target[0] - x0, target[1] - y0)
+            g = _shape(item, s, body[0] - x0, body[1] - y0, local_tip, (0, 0, x1 - x0, y1 - y0), size)
             shapes.append((item, s, body, g))
-            hw, hh = s.tw / 2 + s.pad, s.th / 2 + s.pad
-            cx, cy = g.cx + x0, g.cy + y0
+            cx, cy, hw, hh = g.cx + x0, g.cy + y0, s.tw / 2 + s.pad, s.th / 2 + s.pad
             text_box = (math.ceil(cx - hw), math.ceil(cy - hh), math.floor(cx + hw), math.floor(cy + hh))
             tail = None if g.tip is None else (round(g.tip[0] + x0), round(g.tip[1] + y0))
-            self.bubbles.append(Bubble(box=body, text_box=text_box, tail=tail, lines=tuple(s.lines), line_height=s.line_h,
-                                       **record))
+            self.bubbles.append(Bubble(box=body, text_box=text_box, tail=tail, lines=tuple(s.lines),
+                                       line_height=s.line_h, **record))
         overlay = Image.new("RGBA", (x1 - x0, y1 - y0), (0, 0, 0, 0))
         draw = ImageDraw.Draw(overlay)
         for item, s, body, g in shapes:
@@ -444,9 +450,10 @@ class DialogueDrawer:
         for item, s, body, g in shapes:
             _draw_body(draw, item, s, body[0] - x0, body[1] - y0, g)
         if any(over):
-            log.warning("%s: the dialogue of panel %d does not fit (story lines %s), even at %d px: drawn cut or "
-                        "overlapping", NODE_ID, i + 1, ", ".join(str(d.line) for d, o in zip(info.dialogue, over) if o),
-                        size)
+            lines = [str(d.line) for d, o in zip(info.dialogue, over) if o]
+            more = f" and {len(lines) - 10} more" if len(lines) > 10 else ""
+            log.warning("%s: the dialogue of panel %d does not fit (story lines %s%s), even at %d px: drawn cut or "
+                        "overlapping", NODE_ID, i + 1, ", ".join(lines[:10]), more, size)
         region = page.crop(box).convert("RGBA")
         page.paste(Image.alpha_composite(region, overlay).convert("RGB"), box[:2])
         mask = self.masks.setdefault(page_no, np.zeros((self.spec.page_height, self.spec.page_width), np.float32))

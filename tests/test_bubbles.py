@@ -271,7 +271,7 @@ def test_hostile_dialogue_is_bounded(B, L, P):
     start = time.perf_counter()
     pages, layout, masks = B.compose_comic(panels(2), spec, story=story)
     elapsed = time.perf_counter() - start
-    assert elapsed < 30, f"{elapsed:.1f} s"
+    assert elapsed < 20, f"{elapsed:.1f} s"  # about 1 s here; 25 s before placement measured lazily
     bubbles = json.loads(layout)
     assert len(bubbles) == 302 and all(b["overflow"] for b in (bubbles[0], bubbles[-1]))
     boxes = panel_boxes(L, spec, 2)
