@@ -7,7 +7,8 @@ from comfy_api.latest import io
 
 from ..errors import NodeInputError
 from ..story.encode import encode_story
-from ..story.layout import DIRECTIONS, LAYOUTS, LayoutSpec, compose_pages, split_captions
+from ..story.bubbles import compose_comic
+from ..story.layout import DIRECTIONS, LAYOUTS, LayoutSpec, split_captions
 from ..story.parser import parse_story
 from ..story.select import (PARTS, concat_conditioning, latent_layout, merge_panels, reference_rows, select_panels,
                             slice_conditioning, split_batches, sub_story)
@@ -34,8 +35,10 @@ STORY_TOOLTIP = (
     "Characters first, one per line: '[Name] description'. Then a line '---' (recommended; without it the "
     "character section ends at the first line that is not a new '[Name] description'). Then one line per panel: "
     "'[Name]' is replaced by that character's description (several per panel allowed), '[NC]' marks a panel "
-    "without a character, text after the last '#' is the panel's caption. Blank lines and lines starting "
-    "with '//' are ignored.")
+    "without a character, text after the last '#' is the panel's caption. Lines starting with '>' are dialogue of "
+    "the panel line above, drawn by Comic Layout as bubbles: '> Name: text' (speech), '> Name (thought): text', "
+    "'(shout)', '(whisper)'; '> text' without a speaker is narration. Blank lines and lines starting with '//' are "
+    "ignored.")
 
 
 class StoryPrompt(io.ComfyNode):
@@ -90,7 +93,9 @@ class ComicLayout(io.ComfyNode):
             category="StoryDiffusion/story",
             description="Arranges a batch of panel images on pages of equal size (grid, four panel, classic rows "
                         "of 1-2-3 panels, strip). Panels are center-cropped to their cells; captions are drawn in "
-                        "a translucent box at the panel bottom, in a font that has their characters.",
+                        "a translucent box at the panel bottom, in a font that has their characters. With the story "
+                        "connected, its dialogue lines are drawn as speech, thought, shout and whisper bubbles and "
+                        "narration boxes, in reading order, away from the characters when their masks are given.",
             inputs=[
                 io.Image.Input("images", tooltip="Panel images in story order (a batch; any size)."),
                 io.Combo.Input("layout", options=list(LAYOUTS), default="classic",
@@ -114,28 +119,49 @@ class ComicLayout(io.ComfyNode):
                 io.String.Input("background_color", default="#FFFFFF",
                                 tooltip="Page (gutter and empty cell) color: '#RRGGBB', '#RGB' or a color name."),
                 io.Int.Input("caption_font_size", default=24, min=6, max=256,
-                             tooltip="Caption font size in pixels (shrunk automatically if a caption would "
-                                     "cover more than half its panel)."),
+                             tooltip="Caption and bubble font size in pixels (shrunk automatically if a caption would "
+                                     "cover more than half its panel, or a panel's bubbles do not fit)."),
                 io.String.Input("font_path", default="", optional=True,
-                                tooltip="Path to a .ttf/.otf/.ttc font for captions. Empty, or for characters this "
-                                        "font lacks: Pillow's built-in font, else an installed font that has them."),
+                                tooltip="Path to a .ttf/.otf/.ttc font for captions and bubbles. Empty, or for "
+                                        "characters this font lacks: bubbles try an installed comic font (Comic "
+                                        "Neue, Comic Relief, Comic Sans MS); then Pillow's built-in font, else an "
+                                        "installed font that has them."),
                 io.String.Input("captions", default="", multiline=True, optional=True,
                                 tooltip="One caption per line, line i for panel i (connect SDN_StoryPrompt's "
                                         "captions); empty lines mean no caption. Any script: CJK, Hebrew and "
-                                        "Arabic (right to left) included; characters no font has are an error."),
+                                        "Arabic (right to left) included; characters no font has are an error. "
+                                        "With story connected: leave empty (the story's captions are used) or "
+                                        "connect the same story's captions."),
+                STORY.Input("story", optional=True, tooltip=(
+                    "The story of these panels (SDN_StoryPrompt's story; image i = panel i): its captions, and its "
+                    "'>' dialogue lines drawn as bubbles.")),
+                io.Mask.Input("character_masks", optional=True, tooltip=(
+                    "SDN_CharacterMaskImages' masks of these panels (row = panel x characters + character): bubbles "
+                    "avoid the characters and tails end on the speaker. Needs story.")),
             ],
-            outputs=[io.Image.Output("pages", display_name="pages", tooltip="The pages, all page_width x page_height.")],
+            outputs=[io.Image.Output("pages", display_name="pages", tooltip="The pages, all page_width x page_height."),
+                     io.String.Output("bubble_layout", display_name="bubble layout", tooltip=(
+                         "The bubbles as JSON: a list of {page, panel (0-based), line (story line), kind, speaker, "
+                         "text, box, text_box, tail, font_size, lines, overflow}, page pixels.")),
+                     io.Mask.Output("bubble_masks", display_name="bubble masks", tooltip=(
+                         "Per page: 1 where a bubble (body, tail, narration box) is drawn."))],
         )
 
     @classmethod
     def execute(cls, images, layout, reading_direction, page_width, page_height, rows, columns, gutter,
                 border_width, border_color, background_color, caption_font_size, font_path="",
-                captions="") -> io.NodeOutput:
+                captions="", story=None, character_masks=None) -> io.NodeOutput:
         spec = LayoutSpec(layout=layout, reading_direction=reading_direction, page_width=page_width,
                           page_height=page_height, rows=rows, columns=columns, gutter=gutter,
                           border_width=border_width, border_color=border_color, background_color=background_color,
                           caption_font_size=caption_font_size, font_path=font_path or "")
-        return io.NodeOutput(compose_pages(images, spec, split_captions(captions or "")))
+        lines = split_captions(captions or "")
+        normal = lambda texts: [" ".join(t.split()) for t in texts]  # noqa: E731
+        if story is not None and any(lines) and normal(lines + [""] * (len(story.panels) - len(lines))) != normal(story.captions):
+            raise NodeInputError("SDN_ComicLayout", "captions", "empty, or the connected story's captions (the "
+                                 "story gives the captions when it is connected)",
+                                 got=f"{len(lines)} lines that differ from the story's {len(story.panels)} captions")
+        return io.NodeOutput(*compose_comic(images, spec, lines if story is None else None, story, character_masks))
 
 
 

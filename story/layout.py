@@ -187,6 +187,31 @@ def system_fonts(chars: str, fc_match: str | None, folders: list[str]) -> Iterat
     yield from (FontFile(f) for f in files)
 
 
+COMIC_FAMILIES = ("Comic Neue", "Comic Relief", "Comic Sans MS")
+COMIC_FILES = ("comicneue-regular.", "comicneue.", "comicrelief.", "comic.ttf", "comic sans ms.")
+
+
+def comic_fonts(fc_match: str | None, folders: list[str]) -> list[FontFile]:
+    """Installed comic lettering fonts (``COMIC_FAMILIES``), best first: with fontconfig (``fc_match``: path of
+    its ``fc-match``) the families it resolves to themselves (fc-match always answers, with a substitute when the
+    family is missing), else files under ``folders`` whose names start with one of ``COMIC_FILES``
+    (case-insensitive). Empty when none is installed."""
+    if fc_match:
+        found = []
+        for family in COMIC_FAMILIES:
+            try:
+                out = subprocess.run([fc_match, "--format=%{family}\t%{file}\t%{index}", f"{family}:style=Regular"],
+                                     capture_output=True, text=True, timeout=60, check=True).stdout
+            except (OSError, subprocess.SubprocessError):
+                continue
+            parts = out.split("\t")
+            if len(parts) == 3 and family.lower() in parts[0].lower().split(","):
+                found.append(FontFile(parts[1], int(parts[2] or 0)))
+        return list(dict.fromkeys(found))
+    files = [os.path.join(root, n) for folder in folders for root, _, names in os.walk(folder) for n in names]
+    return [FontFile(f) for prefix in COMIC_FILES for f in sorted(files) if os.path.basename(f).lower().startswith(prefix)]
+
+
 def _open(face: FontFile, size: int, layout_engine=None):
     if face.path is None:
         font = ImageFont.load_default(size=size)
@@ -211,7 +236,7 @@ def text_direction(text: str) -> str:
     return "ltr"
 
 
-def _direction(font, text: str) -> str | None:
+def direction_of(font, text: str) -> str | None:
     # only raqm takes a paragraph direction; Pillow's default font always uses the basic (left-to-right) layout
     return text_direction(text) if font.layout_engine == ImageFont.Layout.RAQM else None
 
@@ -220,15 +245,18 @@ class CaptionFonts:
     """The caption fonts of one ``compose_pages`` call (a fresh object per call: no state outlives it).
 
     A caption is drawn in ONE font, the first of these that has a glyph for each of its characters: the user's
-    ``font_path``, Pillow's default font, a font already picked in this call, then the installed fonts
-    (``system_fonts``: fontconfig, else the standard font folders). Coverage is asked of FreeType itself: a
+    ``font_path``, with ``comic`` an installed comic font (``comic_fonts``, for speech bubbles), Pillow's default
+    font, a font already picked in this call, then the installed fonts (``system_fonts``: fontconfig, else the
+    standard font folders). Coverage is asked of FreeType itself: a
     character the font's cmap lacks is drawn as glyph 0 (.notdef), so it draws exactly what U+10FFFF (a
     noncharacter, mapped by no font) draws. Pillow alone does this, so the pack needs no font library.
     Right-to-left and shaped scripts need Pillow's raqm layout (libraqm, with FriBiDi at run time).
-    ``fc_match``/``folders`` default to this machine's (tests pass others).
+    ``fc_match``/``folders`` default to this machine's (tests pass others). ``input_name``: the node input that
+    errors about the texts name (``captions``; ``story`` for dialogue).
     """
 
-    def __init__(self, font_path: str = "", fc_match: str | None = "auto", folders: list[str] | None = None):
+    def __init__(self, font_path: str = "", fc_match: str | None = "auto", folders: list[str] | None = None,
+                 comic: bool = False, input_name: str = "captions"):
         self.user = None
         if font_path and font_path.strip():
             path = os.path.expanduser(font_path.strip())
@@ -240,6 +268,8 @@ class CaptionFonts:
             self.user = FontFile(path)
         self.fc_match = shutil.which("fc-match") if fc_match == "auto" else fc_match
         self.folders = font_dirs() if folders is None else folders
+        self.comic = comic_fonts(self.fc_match, self.folders) if comic else []
+        self.input_name = input_name
         self.raqm = features.check_feature("raqm")
         self._fonts: dict[tuple[FontFile, int], ImageFont.FreeTypeFont] = {}
         self._probes: dict[FontFile, tuple | None] = {}
@@ -270,6 +300,7 @@ class CaptionFonts:
 
     def _candidates(self, chars: list[str]) -> Iterator[FontFile]:
         yield from [self.user] if self.user else []
+        yield from self.comic
         yield FontFile(None)
         yield from list(self._picked)
         lacking = "".join(c for c in chars if self._lacks(FontFile(None), c))
@@ -296,44 +327,49 @@ class CaptionFonts:
                 return face, []
         return None, [c for c in chars if c in uncovered]
 
-    def _check_direction(self, text: str, caption: int) -> None:
+    def _check_direction(self, text: str, label: str) -> None:
         rtl = [c for c in dict.fromkeys(text) if unicodedata.bidirectional(c) in ("R", "AL")]
         if rtl and not self.raqm:
-            raise NodeInputError(NODE_ID, "captions", "right-to-left text only where Pillow has its raqm layout "
+            raise NodeInputError(NODE_ID, self.input_name, "right-to-left text only where Pillow has its raqm layout "
                                  "(libraqm, which loads FriBiDi at run time: install libfribidi0 on Debian/Ubuntu, fribidi with "
                                  "Homebrew on macOS)",
-                                 got=f"caption {caption + 1} with {_listing(rtl)}")
+                                 got=f"{label} with {_listing(rtl)}")
 
-    def face_for(self, text: str, caption: int = 0) -> FontFile:
-        """The font face that draws ``text`` (caption number ``caption``, 0-based, for messages).
+    def face_for(self, text: str, caption: int = 0, label: str | None = None) -> FontFile:
+        """The font face that draws ``text`` (caption number ``caption``, 0-based, or ``label`` such as
+        ``"panel 2, line 7"``, for messages).
 
-        NodeInputError (input ``captions``) when the text has right-to-left characters and Pillow lacks raqm,
+        NodeInputError (input ``input_name``) when the text has right-to-left characters and Pillow lacks raqm,
         or when no available font has a glyph for some character (they are listed, escaped with repr).
         """
         if text not in self._faces:
-            self._check_direction(text, caption)
+            label = label or f"caption {caption + 1}"
+            self._check_direction(text, label)
             face, uncovered = self._find(text)
             if face is None:
-                got = (f"caption {caption + 1} with {_listing(uncovered)}, which no available font has" if uncovered
-                       else f"caption {caption + 1}, whose characters no single available font has all of")
-                raise NodeInputError(NODE_ID, "captions", "characters that the font in font_path or an installed "
-                                     "font can draw (set font_path to a font that has them, or install one)", got=got)
+                got = (f"{label} with {_listing(uncovered)}, which no available font has" if uncovered
+                       else f"{label}, whose characters no single available font has all of")
+                raise NodeInputError(NODE_ID, self.input_name, "characters that the font in font_path or an "
+                                     "installed font can draw (set font_path to a font that has them, or install "
+                                     "one)", got=got)
             self._faces[text] = face
         return self._faces[text]
 
-    def pick(self, captions: list[str]) -> None:
+    def pick(self, captions: list[str], labels: list[str] | None = None) -> None:
         """Choose the faces of all ``captions`` before anything is drawn (errors first). Without ``font_path``:
         one face for all when a font has every character of every caption (one look per page); else one per
-        caption (so the font in ``font_path`` draws every caption it can)."""
-        for i, text in enumerate(captions):
+        caption (so the font in ``font_path`` draws every caption it can). ``labels``: how messages name each
+        text (default ``caption i``)."""
+        labels = labels or [f"caption {i + 1}" for i in range(len(captions))]
+        for text, label in zip(captions, labels):
             if text:
-                self._check_direction(text, i)
+                self._check_direction(text, label)
         face = None if self.user else self._find("".join(captions))[0]
-        for i, text in enumerate(captions):
+        for text, label in zip(captions, labels):
             if text and face:
                 self._faces[text] = face
             elif text:
-                self.face_for(text, i)
+                self.face_for(text, label=label)
 
 
 def _listing(chars: list[str], limit: int = 40) -> str:
@@ -391,7 +427,7 @@ def _longest(fits, lo: int, hi: int) -> int:
     return ok
 
 
-def _wrap(text: str, measure, width: int) -> list[str]:
+def wrap(text: str, measure, width: int) -> list[str]:
     """Greedy line breaking of ``text`` (single spaces) into lines of at most ``width`` px by ``measure``
     (str -> px). Lines end at break opportunities (``_breakable``); a word wider than the line is cut between
     characters. Each line's end is found by ``_longest``, so the whole wrap is about linear in the length."""
@@ -422,7 +458,7 @@ def layout_caption(text: str, box_w: int, box_h: int, spec: LayoutSpec, fonts: C
     size, limit = spec.caption_font_size, box_h // 2
     while True:
         font = fonts.font(face, size)
-        direction = _direction(font, text)
+        direction = direction_of(font, text)
         measure = lambda s: font.getlength(s, direction=direction)  # noqa: E731 (rebound per size)
         pad = max(2, size // 4)
         width = max(box_w - 2 * pad, 1)
@@ -433,29 +469,33 @@ def layout_caption(text: str, box_w: int, box_h: int, spec: LayoutSpec, fonts: C
         if size > MIN_FONT and at_least * line_h + 2 * pad > limit:
             size = max(MIN_FONT, int(size * 0.85))
             continue
-        lines = _wrap(text, measure, width)
+        lines = wrap(text, measure, width)
         if len(lines) * line_h + 2 * pad <= limit or size <= MIN_FONT:
             break
         size = max(MIN_FONT, int(size * 0.85))
-    max_lines = max((limit - 2 * pad) // line_h, 0)
+    return font, truncate(lines, max((limit - 2 * pad) // line_h, 0), measure, width), line_h, pad
+
+
+def truncate(lines: list[str], max_lines: int, measure, width: int) -> list[str]:
+    """The first ``max_lines`` of wrapped ``lines``; when some are cut, the last kept one ends with "..." within
+    ``width`` px (by ``measure``: str -> px). Empty when even that does not fit."""
     if len(lines) > max_lines:
         lines = lines[:max_lines]
         if lines:
             last = lines[-1]
             keep = _longest(lambda k: measure(last[:k].rstrip(" ") + "...") <= width, 0, len(last))
             lines[-1] = last[:_cluster_start(last, keep, -1)].rstrip(" ") + "..."
-    if any(measure(l) > width for l in lines):
-        lines = []
-    return font, lines, line_h, pad
+    return [] if any(measure(l) > width for l in lines) else lines
 
 
 def _draw_caption(page: Image.Image, box: tuple[int, int, int, int], text: str, spec: LayoutSpec,
-                  fonts: CaptionFonts) -> None:
+                  fonts: CaptionFonts) -> int:
+    """Draw ``text`` at the bottom of the panel ``box``; returns the caption box's top (``box[3]`` if none)."""
     x0, y0, x1, y1 = box
     font, lines, line_h, pad = layout_caption(text, x1 - x0, y1 - y0, spec, fonts)
     if not lines:
-        return
-    direction = _direction(font, text)
+        return y1
+    direction = direction_of(font, text)
     # right-to-left captions are right-aligned, as such text is set
     x, anchor = (x1 - x0 - pad, "ra") if direction == "rtl" else (pad, "la")
     top = y1 - (len(lines) * line_h + 2 * pad)
@@ -466,10 +506,11 @@ def _draw_caption(page: Image.Image, box: tuple[int, int, int, int], text: str, 
         draw.text((x, pad + i * line_h), line, font=font, fill=(0, 0, 0, 255), anchor=anchor, direction=direction)
     region = page.crop((x0, top, x1, y1)).convert("RGBA")
     page.paste(Image.alpha_composite(region, overlay).convert("RGB"), (x0, top))
+    return top
 
 
-def _fit(panel: np.ndarray, w: int, h: int) -> Image.Image:
-    """Center-crop ``panel`` (H, W, 3 uint8) to the aspect w:h, then resize to w x h."""
+def fit_cover(panel: np.ndarray, w: int, h: int) -> Image.Image:
+    """Center-crop ``panel`` (H, W, 3 or H, W uint8) to the aspect w:h, then resize to w x h (Lanczos)."""
     img = Image.fromarray(panel)
     sw, sh = img.size
     if sw * h > sh * w:  # too wide: crop the sides
@@ -489,11 +530,15 @@ def panel_box(cell: tuple[int, int, int, int], border: int) -> tuple[int, int, i
     return x0 + border, y0 + border, x1 - border, y1 - border
 
 
-def compose_pages(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | None = None) -> torch.Tensor:
+def compose_pages(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | None = None,
+                  on_panel=None) -> torch.Tensor:
     """Lay panels out on pages.
 
     images: IMAGE ``(B, H, W, C)`` float in 0..1 (C = 1, 3 or 4; alpha dropped, gray repeated), B >= 1.
     captions: per panel (``""`` or missing = none); at most B entries.
+    on_panel: called as ``on_panel(page_no, panel_no, page, box, caption_top)`` after each panel and its caption
+        are drawn (0-based numbers, the page as a PIL RGB image it may draw on, the panel box and the caption
+        box's top on the page); story/bubbles.py draws dialogue this way.
     Returns IMAGE ``(pages, page_height, page_width, 3)`` float32 0..1 on the CPU,
     pages = ceil(B / cells per page). NodeInputError for bad settings, fonts, colors, caption count, or
     captions that no available font can draw (``CaptionFonts.face_for``).
@@ -528,9 +573,10 @@ def compose_pages(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | 
             if spec.border_width:
                 draw.rectangle((cell[0], cell[1], cell[2] - 1, cell[3] - 1), fill=bc)
             box = panel_box(cell, spec.border_width)
-            page.paste(_fit(arr[i], box[2] - box[0], box[3] - box[1]), box[:2])
-            if i < len(captions) and captions[i]:
-                _draw_caption(page, box, captions[i], spec, fonts)
+            page.paste(fit_cover(arr[i], box[2] - box[0], box[3] - box[1]), box[:2])
+            top = _draw_caption(page, box, captions[i], spec, fonts) if i < len(captions) and captions[i] else box[3]
+            if on_panel is not None:
+                on_panel(len(pages), i, page, box, top)
         pages.append(torch.from_numpy(np.asarray(page, dtype=np.float32) / 255.0))
     return torch.stack(pages)
 

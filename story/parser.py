@@ -12,6 +12,12 @@ live in one ``story`` text:
   it cannot be combined with a character).
 * Text after the LAST ``#`` of a panel line is the panel's caption, not part of the prompt (earlier ``#``
   stay in the prompt text). In a caption, ``[Name]`` of a known character becomes ``Name``.
+* A line starting with ``>`` is a dialogue line of the panel line before it (the one reserved prefix: a panel
+  line cannot start with ``>``): ``> Name: text`` (speech), ``> Name (thought): text``, ``> Name (shout): text``,
+  ``> Name (whisper): text``, ``> Name (speech): text``; ``> text`` without a colon, or ``> : text``, is narration
+  (a caption box). ``Name`` is a character of the story (case-sensitive, ``[Name]`` also accepted); narration
+  containing a colon needs the ``> :`` form. In the text, ``[Name]`` of a known character becomes ``Name`` and
+  ``#`` is plain text. Dialogue is drawn by SDN_ComicLayout, never encoded.
 * Blank lines and lines whose first non-blank characters are ``//`` (comments) are ignored everywhere.
 
 Where the character section ends:
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import NodeInputError
 
@@ -42,7 +48,27 @@ NO_CHARACTER = "NC"
 _SEPARATOR = re.compile(r"^-{3,}$")
 _LEADING_NAME = re.compile(r"^\[([^\[\]#]*)\]\s*(.*)$")
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]")
+_DIALOGUE = ">"
+_SPEAKER = re.compile(r"^\[?([^\[\]():]*?)\]?\s*(?:\(([^()]*)\))?$")  # "Name", "[Name]", "Name (kind)"
+KINDS = ("speech", "thought", "shout", "whisper")
+NARRATION = "narration"
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use marks around inserted descriptions, removed again
+
+
+@dataclass(frozen=True)
+class DialogueLine:
+    """One dialogue line of a panel (a ``>`` line of the story).
+
+    speaker: a character name of the story, or None for narration.
+    kind: one of ``KINDS`` for a speaker, ``"narration"`` without one.
+    text: the text, whitespace collapsed, ``[Name]`` of known characters replaced by ``Name``; never empty.
+    line: 1-based line number in the story text.
+    """
+
+    speaker: str | None
+    kind: str
+    text: str
+    line: int
 
 
 @dataclass(frozen=True)
@@ -62,6 +88,7 @@ class Panel:
         SDN_StoryPrompt's ``positive`` cond holding the name's description, one range per contiguous run (a
         description cut by a 77-token CLIP chunk or named twice gives several). Set by SDN_StoryPrompt; empty
         when parsed directly or when the text encoder's layout is unsupported (see story/encode.py).
+    dialogue: the panel's dialogue lines (:class:`DialogueLine`) in story order.
     """
 
     index: int
@@ -73,6 +100,7 @@ class Panel:
     source: str
     mentions: tuple = ()
     spans: dict = field(default_factory=dict)
+    dialogue: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -158,20 +186,59 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def _did_you_mean(name: str, characters: dict) -> tuple[str, bool]:
+    """A hint naming the character closest to ``name`` (``""`` if none) and whether it differs only in case."""
+    folded = {k.casefold(): k for k in characters}
+    if name.casefold() in folded:
+        return f"; did you mean {folded[name.casefold()]!r}? (names are case-sensitive)", True
+    close = difflib.get_close_matches(name, list(characters), n=1)
+    return (f"; did you mean {close[0]!r}?" if close else ""), False
+
+
+def _listing(characters: dict) -> str:
+    return ", ".join(map(repr, characters)) or "none"
+
+
 def _unknown_character(name: str, characters: dict, defines: bool, separated: bool) -> str:
     """What is wrong with ``[name]`` in a panel and how to fix it. Names are shown with repr() so invisible
     characters (zero-width spaces...) show as escapes. ``defines``: the marker starts a line that reads like a
     character definition; ``separated``: the story has a '---' line."""
-    what = f"unknown character {f'[{name}]'!r}; characters are {', '.join(map(repr, characters)) or 'none'}"
-    folded = {k.casefold(): k for k in characters}
-    if name.casefold() in folded:
-        return what + f"; did you mean {folded[name.casefold()]!r}? (names are case-sensitive)"
-    if close := difflib.get_close_matches(name, list(characters), n=1):
-        what += f"; did you mean {close[0]!r}?"
-    if defines:
+    hint, case_only = _did_you_mean(name, characters)
+    what = f"unknown character {f'[{name}]'!r}; characters are {_listing(characters)}{hint}"
+    if defines and not case_only:
         where = ", above the '---' line" if separated else ""
         what += f" (a new character's '[Name] description' line goes before the first panel{where})"
     return what
+
+
+def _unbracket(text: str, characters: dict) -> str:
+    """``text`` with ``[Name]`` of known characters replaced by ``Name`` (captions and dialogue)."""
+    return _BRACKETED.sub(lambda m: m.group(1).strip() if m.group(1).strip() in characters else m.group(0), text)
+
+
+def _parse_dialogue(body: str, line_no: int, characters: dict) -> DialogueLine:
+    """One ``>`` line (syntax in the module docstring)."""
+    form = "'> Name: text', '> Name (kind): text' with kind one of " + ", ".join(KINDS) + ", or '> text' (narration)"
+    rest = body[len(_DIALOGUE):].strip()
+    head, colon, text = rest.partition(":")
+    if not colon:
+        head, text = "", rest
+    m = _SPEAKER.match(head.strip())
+    if m is None:
+        raise _error(line_no, f"'{_short(head.strip())}' is not a speaker", form)
+    name, kind = m.group(1).strip(), (m.group(2) or "").strip().lower()
+    if not name and kind:
+        raise _error(line_no, f"'({kind})' without a speaker", form)
+    if name and name not in characters:
+        hint = _did_you_mean(name, characters)[0]
+        raise _error(line_no, f"unknown speaker {name!r}; characters are {_listing(characters)}{hint} (narration "
+                     "with a colon is written '> : text')", "a character of the story as the speaker")
+    if name and kind and kind not in KINDS:
+        raise _error(line_no, f"unknown dialogue kind {kind!r}", form)
+    text = " ".join(_unbracket(text, characters).split())
+    if not text:
+        raise _error(line_no, "empty dialogue text", form)
+    return DialogueLine(speaker=name or None, kind=(kind or "speech") if name else NARRATION, text=text, line=line_no)
 
 
 def _parse_panel(body: str, line_no: int, index: int, characters: dict, separated: bool) -> Panel:
@@ -211,7 +278,7 @@ def _parse_panel(body: str, line_no: int, index: int, characters: dict, separate
     prompt, mentions = _unmark(prompt, order) if mark else (prompt, ())
     if not prompt:
         raise _error(line_no, "the panel has no prompt text", "a panel description before the '#' caption")
-    caption = re.sub(r"\[([^\[\]]*)\]", lambda m: m.group(1).strip() if m.group(1).strip() in characters else m.group(0), caption)
+    caption = _unbracket(caption, characters)
     return Panel(index=index, line=line_no, prompt=prompt, caption=caption.strip(), characters=tuple(names),
                  no_character=no_char, source=body, mentions=mentions)
 
@@ -237,7 +304,8 @@ def parse_story(text: str) -> Story:
     Raises NodeInputError("SDN_StoryPrompt", "story", ...) with the line number for: a non-definition line
     or duplicate / empty / reserved character before the separator, a second separator, unknown character in
     a panel (including one defined after panels started), ``[NC]`` with a character, unbalanced or nested
-    brackets, a panel without prompt text, and a story without panels.
+    brackets, a panel without prompt text, a story without panels, and dialogue lines that come before any
+    panel, name an unknown speaker or kind, or have no text.
     """
     if not isinstance(text, str):
         raise NodeInputError(NODE_ID, INPUT, "a text", got=type(text).__name__)
@@ -249,26 +317,25 @@ def parse_story(text: str) -> Story:
 
     characters: dict[str, str] = {}
     panels: list[Panel] = []
-    if sep_lines:
-        in_header = True
-        for n, s in lines:
-            if n == sep_lines[0]:
-                in_header = False
-            elif in_header:
-                _parse_character(s, n, characters)
-            else:
-                panels.append(_parse_panel(s, n, len(panels), characters, True))
-    else:
-        in_header = True
-        for n, s in lines:
-            if in_header:
+    in_header = True
+    for n, s in lines:
+        if s.startswith(_DIALOGUE):
+            if not panels:
+                raise _error(n, "a dialogue line ('>') before any panel", "dialogue lines after the panel line they belong to")
+            panels[-1] = replace(panels[-1], dialogue=panels[-1].dialogue + (_parse_dialogue(s, n, characters),))
+        elif sep_lines and n == sep_lines[0]:
+            in_header = False
+        elif sep_lines and in_header:
+            _parse_character(s, n, characters)
+        else:
+            if in_header and not sep_lines:
                 m = _LEADING_NAME.match(s)
                 name = m.group(1).strip() if m else None
                 if m is not None and name != NO_CHARACTER and name not in characters:
                     _parse_character(s, n, characters)
                     continue
                 in_header = False
-            panels.append(_parse_panel(s, n, len(panels), characters, False))
+            panels.append(_parse_panel(s, n, len(panels), characters, bool(sep_lines)))
     if not panels:
         last = max(1, len(text.splitlines()))  # the end of the story
         hint = ""

@@ -74,6 +74,18 @@ def test_comic_sd15_through_stock_checkpoint_loader(host, sd15_checkpoint):
     patched = result.node_output(csa, 0)
     assert len(patched.model_options["transformer_options"]["patches_replace"]["attn1"]) == 9  # SD1.5 decoder
     check_pages(host, result, api, panels, 256)
+    # the story's dialogue lines, drawn as bubbles: the layout lists them in story order, the mask covers them
+    (layout,) = by_type(api, "SDN_ComicLayout")
+    bubbles = json.loads(result.node_output(layout, 1))
+    story = result.node_output(story, 4)
+    assert [(b["panel"], b["kind"], b["speaker"], b["text"]) for b in bubbles] == [
+        (i, d.kind, d.speaker, d.text) for i, p in enumerate(story.panels) for d in p.dialogue]
+    assert {b["kind"] for b in bubbles} == {"speech", "thought", "shout", "whisper", "narration"}
+    masks = result.node_output(layout, 2)
+    assert masks.shape == (1, 256, 256) and 0 < masks.mean() < 0.5
+    for b in bubbles:
+        x0, y0, x1, y1 = b["box"]
+        assert b["page"] == 0 and masks[0, (y0 + y1) // 2, (x0 + x1) // 2] == 1
 
 
 def test_comic_sdxl_with_small_model(host):

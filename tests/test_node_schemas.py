@@ -11,7 +11,7 @@ OUTPUTS = {
     "SDN_ConsistentSelfAttention": [("_0_MODEL_", "MODEL")],
     "SDN_StoryPrompt": [("positive", "CONDITIONING"), ("negative_conditioning", "CONDITIONING"),
                         ("panel_count", "INT"), ("captions", "STRING"), ("parsed_story", "SDN_STORY")],
-    "SDN_ComicLayout": [("pages", "IMAGE")],
+    "SDN_ComicLayout": [("pages", "IMAGE"), ("bubble_layout", "STRING"), ("bubble_masks", "MASK")],
     "SDN_StoryPanels": [("selected_positive", "CONDITIONING"), ("selected_story", "SDN_STORY"),
                         ("panel_count", "INT"), ("captions", "STRING")],
     "SDN_StoryBatches": [("batch_positive", "CONDITIONING"), ("latent", "LATENT"), ("batch_story", "SDN_STORY"),
