@@ -7,8 +7,10 @@ model outputs, and says what its workflow makes, read from the workflow itself:
 
 * a workflow with ``SDN_ComicLayout``: its comic pages, in the node's layout settings (layout, reading direction,
   page aspect, rows, columns, gutter, border, colours) scaled to the thumbnail, captions from its
-  ``SDN_StoryPrompt`` story; a story longer than a page shows its first two pages side by side where they are
-  portrait (else its first page); with ``LoadImage`` and ``PhotoMakerEncode``, the reference photo to the left;
+  ``SDN_StoryPrompt`` story; where the story is connected to the layout node, its dialogue (``>`` lines) drawn as
+  bubbles by the node's own code (story/bubbles.py ``compose_comic``, in Pillow's font as on a machine without a
+  comic font); a story longer than a page shows its first two pages side by side where they are portrait (else its
+  first page); with ``LoadImage`` and ``PhotoMakerEncode``, the reference photo to the left;
 * a workflow with ``SDN_TransitionEmbeds``: a film strip of cross-fading frames between its keyframes (the
   story's panels above it when it has a story), ``frames_per_transition`` from that node;
 * its model family (from the file name: sd15, sdxl, flux, qwen_image) in a badge.
@@ -41,6 +43,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pack_modules import PACK, pack_module
 
+bubbles = pack_module("story.bubbles")
 layout = pack_module("story.layout")
 parser = pack_module("story.parser")
 
@@ -148,6 +151,9 @@ def _comic_recipe(workflow: dict, name: str, node: dict) -> dict:
     two = len(panels) > cells and 2 * spec["page_width"] <= TWO_PAGES_ASPECT * spec["page_height"]
     pages = 2 if two else 1
     panels = panels[:pages * cells]
+    if any(i.get("name") == "story" and i.get("link") is not None for i in node.get("inputs", [])):
+        for out, panel in zip(panels, story.panels):  # what SDN_ComicLayout draws bubbles from
+            out.update(characters=list(panel.characters), dialogue=[dataclasses.asdict(d) for d in panel.dialogue])
     photo = bool(_nodes(workflow, "PhotoMakerEncode") and _nodes(workflow, "LoadImage"))
     width = LONG_SIDE - (REFERENCE_SIDE + PAGE_GAP if photo else 0)
     scale = min((width - (pages - 1) * PAGE_GAP) / (pages * spec["page_width"]), LONG_SIDE / spec["page_height"])
@@ -223,10 +229,26 @@ def _pil(page: torch.Tensor) -> Image.Image:
     return Image.fromarray((page.numpy() * 255.0 + 0.5).astype(np.uint8))
 
 
+def _layout_story(panels: list[dict]):
+    """The parser Story SDN_ComicLayout gets for ``panels`` (recipe panels with ``characters`` and ``dialogue``):
+    their captions, characters and dialogue lines; prompts are not drawn, so left empty."""
+    return parser.Story(
+        characters=dict.fromkeys((c for p in panels for c in p["characters"]), ""),
+        panels=tuple(parser.Panel(index=k, line=0, prompt="", caption=p["caption"], characters=tuple(p["characters"]),
+                                  no_character=not p["characters"], source="",
+                                  dialogue=tuple(parser.DialogueLine(**d) for d in p["dialogue"]))
+                     for k, p in enumerate(panels)))
+
+
 def _pages(panels: list[dict], spec: dict) -> list[Image.Image]:
+    """The pages SDN_ComicLayout draws of ``panels``' pictures: with the story (its captions and bubbles) where
+    the recipe panels carry its dialogue, else with their captions."""
     size = max(spec["page_width"], spec["page_height"])
     images = _batch([_panel_image(p, size) for p in panels])
-    pages = layout.compose_pages(images, layout.LayoutSpec(**spec), [p["caption"] for p in panels])
+    story = _layout_story(panels) if "dialogue" in panels[0] else None
+    captions = None if story else [p["caption"] for p in panels]
+    # without comic fonts: bubbles lettered in Pillow's font, like the captions, whatever fonts are installed
+    pages = bubbles.compose_comic(images, layout.LayoutSpec(**spec), captions, story, comic=False)[0]
     return [_pil(p) for p in pages]
 
 

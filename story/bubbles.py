@@ -484,13 +484,16 @@ def _regions(masks: dict, image_hw: tuple, box: tuple) -> dict:
 
 
 def compose_comic(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | None = None, story=None,
-                  character_masks: torch.Tensor | None = None) -> tuple[torch.Tensor, str, torch.Tensor]:
+                  character_masks: torch.Tensor | None = None,
+                  comic: bool = True) -> tuple[torch.Tensor, str, torch.Tensor]:
     """Comic pages with captions and dialogue bubbles (SDN_ComicLayout).
 
     images, spec, captions: as ``compose_pages``. story: a parser ``Story`` with one panel per image (panel i =
     image i); its captions are used when ``captions`` is None, and its panels' dialogue is drawn.
     character_masks: MASK ``(panels x characters, H, W)`` in 0..1, row = panel x characters + character (story
     order; SDN_CharacterMaskImages' output), any H x W of the panels' aspect; needs ``story``.
+    comic: letter bubbles in an installed comic font when ``spec.font_path`` is empty or lacks characters (the
+    node); False skips comic fonts, so pages drawn in Pillow's font look the same on every machine (thumbnails).
     Returns ``(pages, layout, bubble_masks)``: IMAGE ``(pages, page_height, page_width, 3)``, the bubbles as a
     JSON list (``Bubble``'s fields), MASK ``(pages, page_height, page_width)`` float32, 1 on the bubbles.
     NodeInputError as ``compose_pages``; for a story whose panel count is not the images', masks without a story
@@ -522,7 +525,7 @@ def compose_comic(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | 
             infos.append(_PanelInfo(p.dialogue, p.characters, masks, rtl))
         texts = [(d.text, f"panel {k + 1}, line {d.line}") for k, p in enumerate(story.panels) for d in p.dialogue]
         if texts:
-            fonts = CaptionFonts(spec.font_path, comic=True, input_name="story")
+            fonts = CaptionFonts(spec.font_path, comic=comic, input_name="story")
             fonts.pick([t for t, _ in texts], [label for _, label in texts])
     drawer = DialogueDrawer(spec, infos, fonts, tuple(images.shape[1:3]) if count else (1, 1))
     pages = compose_pages(images, spec, captions, on_panel=drawer if fonts is not None else None)

@@ -296,6 +296,20 @@ def test_comic_font_is_preferred_for_bubbles(L, dejavu, tmp_path):
     assert L.CaptionFonts(dejavu, fc_match=None, folders=[str(tmp_path)], comic=True).face_for("Hi").path == dejavu
 
 
+def test_comic_fonts_can_be_skipped(B, L, P, dejavu, monkeypatch):
+    # compose_comic(comic=False), for pages that must look the same on every machine (template thumbnails):
+    # bubbles lettered as where no comic font is installed, even where one is (a stand-in comic font here)
+    story = P.parse_story("[Ann] a woman\n---\n[Ann] talks # Monday.\n> Ann: Hello there!\n> Ann (shout): HEY!\n")
+    spec = grid(L, n=1)
+    monkeypatch.setattr(L, "comic_fonts", lambda fc_match, folders: [])
+    bare = B.compose_comic(panels(1), spec, story=story)
+    monkeypatch.setattr(L, "comic_fonts", lambda fc_match, folders: [L.FontFile(dejavu)])
+    comic = B.compose_comic(panels(1), spec, story=story)
+    plain = B.compose_comic(panels(1), spec, story=story, comic=False)
+    assert not torch.equal(comic[0], bare[0])
+    assert torch.equal(plain[0], bare[0]) and plain[1] == bare[1] and torch.equal(plain[2], bare[2])
+
+
 def test_errors(B, L, P, errors, host):
     story = P.parse_story("[Ann] a woman\n[Bob] a man\n---\n[Ann] talks\n> Ann: Hi\n[Bob] listens\n")
     spec = grid(L, n=2)

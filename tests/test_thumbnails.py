@@ -1,8 +1,10 @@
 """Template-browser thumbnails (workflows/<name>.jpg, drawn by scripts/make_thumbnails.py from real photos in the
 pack's own comic layout): one per workflow and none without one, valid JPEGs of the thumbnail size, equal to a
 fresh drawing (the recipe exactly, the pixels within a tolerance for fonts), and a script that never replaces a
-thumbnail without --overwrite. No ComfyUI needed: the script imports story/layout.py and story/parser.py alone.
+thumbnail without --overwrite; a comic with dialogue is the real SDN_ComicLayout's page, bubbles included. The
+script needs no ComfyUI (it imports story/layout.py, parser.py and bubbles.py alone); only the node test runs it.
 """
+import dataclasses
 import inspect
 import json
 import shutil
@@ -71,8 +73,16 @@ def test_thumbnails_follow_the_workflow(fresh):
             people = [photo for photo, _ in panel["shots"] if photo in dict(mt.CHARACTERS)]
             assert len(people) == len(parsed.characters)
         assert ("reference" in recipe) == ("PhotoMakerEncode" in nodes)
+        # the layout node draws the story's dialogue as bubbles where the story is connected to it
+        linked = any(i["name"] == "story" and i.get("link") is not None for i in nodes["SDN_ComicLayout"]["inputs"])
+        for panel, parsed in zip(recipe["panels"], story.panels):
+            assert panel.get("dialogue") == ([dataclasses.asdict(d) for d in parsed.dialogue] if linked else None)
+            assert panel.get("characters") == (list(parsed.characters) if linked else None)
     two = json.loads(fresh["two_characters_sd15"][1])
     assert any(len(p["shots"]) == 2 for p in two["panels"])  # a panel with both characters
+    comic = json.loads(fresh["comic_sd15"][1])  # bubbles of every kind and narration
+    assert {d["kind"] for p in comic["panels"] for d in p["dialogue"]} == {"speech", "thought", "shout", "whisper",
+                                                                          "narration"}
     long_story = json.loads(fresh["long_story_sd15"][1])
     assert len(long_story["panels"]) == 12  # two classic pages of 6
 
@@ -103,7 +113,11 @@ def test_a_stale_thumbnail_is_found(tmp_path):
 
     workflow = json.loads(wf.read_text())
     node = next(n for n in workflow["nodes"] if n["type"] == "SDN_StoryPrompt")
-    node["widgets_values"][0] = node["widgets_values"][0].replace("# The end of the line.", "# Not the end.")
+    story = node["widgets_values"][0]
+    node["widgets_values"][0] = story.replace("# The end of the line.", "# Not the end.")
+    wf.write_text(json.dumps(workflow))
+    assert "recipe differs" in mt.stale(path, *mt.thumbnail(wf))
+    node["widgets_values"][0] = story.replace("Of course it is.", "Of course.")  # a changed bubble
     wf.write_text(json.dumps(workflow))
     assert "recipe differs" in mt.stale(path, *mt.thumbnail(wf))
 
@@ -111,6 +125,13 @@ def test_a_stale_thumbnail_is_found(tmp_path):
     recipe["spec"]["reading_direction"] = "right-to-left"  # drawn differently under the same recipe
     assert "drawn differently" in mt.stale(path, mt.draw(recipe), comment)
     recipe = json.loads(comment)
+    for panel in recipe["panels"]:
+        del panel["dialogue"], panel["characters"]  # the same page without its bubbles
+    plain = mt.draw(recipe)
+    assert "drawn differently" in mt.stale(path, plain, comment)
+    # captions in another font are within the tolerance (bubbles would move around text of another size: the
+    # script letters them in Pillow's font whatever fonts are installed)
+    path.write_bytes(mt.encode(plain, comment))
     recipe["spec"]["font_path"] = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
     if Path(recipe["spec"]["font_path"]).exists():
         assert mt.stale(path, mt.draw(recipe), comment) is None
@@ -138,3 +159,27 @@ def test_the_script_never_replaces_a_thumbnail_without_overwrite(tmp_path, capsy
     (tmp_path / "orphan.jpg").write_bytes(other)  # a thumbnail without its workflow
     assert mt.main(folder + ["--check"]) == 1
     assert "orphan.jpg: no workflow orphan.json" in capsys.readouterr().err
+
+
+def test_comic_thumbnail_is_what_the_layout_node_draws(host):
+    """A comic thumbnail's page is SDN_ComicLayout's own output (the real node) for the same panel pictures,
+    settings and story: its captions and dialogue bubbles, none cut at thumbnail size."""
+    import numpy as np
+
+    if host.pack_module("story.layout").CaptionFonts(comic=True).comic:
+        pytest.skip("a comic font is installed: the node letters bubbles in it, thumbnails in Pillow's font")
+
+    workflow = json.loads((WORKFLOWS / "comic_sd15.json").read_text())
+    recipe = mt.recipe(workflow, "comic_sd15")
+    spec = recipe["spec"]
+    size = max(spec["page_width"], spec["page_height"])
+    images = mt._batch([mt._panel_image(p, size) for p in recipe["panels"]])
+    text = next(n for n in workflow["nodes"] if n["type"] == "SDN_StoryPrompt")["widgets_values"][0]
+    story = host.pack_module("story.parser").parse_story(text)
+    assert len(story.panels) == len(recipe["panels"])  # one four-panel page: the whole story
+    pages, bubble_layout, _ = host.node_class("SDN_ComicLayout").execute(images, **spec, story=story).result
+    thumbnail = mt._pages(recipe["panels"], spec)
+    assert len(thumbnail) == 1
+    assert np.array_equal(np.asarray(thumbnail[0]), np.asarray(mt._pil(pages[0])))
+    bubbles = json.loads(bubble_layout)
+    assert len(bubbles) == 5 and not any(b["overflow"] for b in bubbles)
