@@ -127,8 +127,8 @@ class MaskCall:
 class MaskRun:
     """One sampling run: ``length``: the positive cond's token count (the spans' axis); ``grid``: ``(h, w)`` of the
     recorded layers' N tokens; ``store[layer]``: ``(images, N, characters)`` probabilities of that layer at step
-    ``store_step``;
-    ``previous``: the processed maps (:meth:`_maps`) of the latest earlier step, on the compute device."""
+    ``store_step``; ``previous``: the processed maps (:meth:`_maps`) of the latest earlier step, on the compute
+    device."""
 
     recorder: MaskRecorder
     schedule: list
@@ -269,15 +269,16 @@ def joint_span_probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tenso
     (csa.joint_mask) for these rows; ``columns`` ``(images, T, characters)`` for the text's first T tokens.
 
     The softmax-weighted sum of the span columns is attention with the columns as values: one SDPA call, which
-    never holds the ``N x L`` probabilities at once."""
+    never holds the ``N x L`` probabilities at once (the columns padded to a multiple of 8, as the memory-efficient
+    kernels want)."""
     s, e = image
-    heads, length = q.shape[1], k.shape[2]
-    values = F.pad(columns, (0, 0, 0, length - columns.shape[1]))[:, None].expand(-1, heads, -1, -1)
+    heads, length, chars = q.shape[1], k.shape[2], columns.shape[2]
+    values = F.pad(columns, (0, -chars % 8, 0, length - columns.shape[1]))[:, None].expand(-1, heads, -1, -1)
     if mask is not None:
         mask = image_query_mask(mask, s, e, 0)
         mask = mask if mask.dtype == torch.bool else mask.float()
     probs = F.scaled_dot_product_attention(q[:, :, s:e].float(), k.float(), values, attn_mask=mask)
-    return probs.mean(1)
+    return probs[..., :chars].mean(1)
 
 
 @dataclass(frozen=True, eq=False)

@@ -225,7 +225,47 @@ def test_no_host_syncs_in_the_blocks(host, pack):
 
 
 def test_families_without_spans_need_given_masks(host, pack):
+    """Qwen-Image and Flux.2 (LLM text encoders: no token spans) take given masks only; Flux.2's latent is 1/16 of
+    the image, so its mask images are 16 x the latent."""
     with pytest.raises(Exception, match="SDN_CharacterMasks: input 'masks': expected masks on Qwen-Image"):
         masked(pack, small_qwen_image(), mask_story(pack))
-    model, recorder = masked(pack, small_qwen_image(), mask_story(pack), given_masks(3))
-    assert recorder.masks is None
+    with pytest.raises(Exception, match="SDN_CharacterMasks: input 'masks': expected masks on Flux.2"):
+        masked(pack, small_flux("flux2"), mask_story(pack))
+    model, recorder = masked(pack, small_flux("flux2"), mask_story(pack), given_masks(3))
+    latent = sample_dit(model, 3, "flux2", size=HW)
+    images = pack("nodes.mask_nodes").MaskImages.execute(recorder, {"samples": latent}).result[0]
+    assert recorder.scale == 16 and images.shape == (6, 16 * 6, 16 * 8)
+    torch.testing.assert_close(recorder.masks, given_masks(3))
+
+
+def test_flux_nodes_through_the_executor(host, pack, flux_files):
+    """Flux.1-dev through the stock UNETLoader (full width, one double and one single block), SDN_StoryPrompt's real
+    T5 spans, CSA with subject_masks, Character Masks, the KSampler and Character Mask Images: masks at the image
+    size, a row per panel and character, zeros where a panel does not name the character (CSA shares from the second
+    step, by the first step's masks)."""
+    story = "[A] a small orange fox\n[B] a grey cat\n---\n[A] and [B] play\n[A] sleeps\n[NC] a forest\n"
+    csa_inputs = {"sampling_rate_1_32": 0.5, "sampling_rate_1_16": 1.0, "sampling_rate_1_8": 0.5,
+                  "reference_count": 0, "seed": 0, "blocks": "decoder", "start_percent": 0.0, "end_percent": 1.0,
+                  "schedule": "always", "tile_size": 0, "dit_blocks": "all", "subject_masks": True}
+    sampler = {"seed": 0, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+               "positive": ["3", 0], "negative": ["3", 1], "latent_image": ["6", 0], "denoise": 1.0}  # full width: 8 s a step
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": flux_files["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "SDNTest_TinyTextEncoders", "inputs": {"clip_name1": flux_files["clip_l"],
+                                                                   "clip_name2": flux_files["t5xxl"], "type": "flux"}},
+        "3": {"class_type": "SDN_StoryPrompt", "inputs": {"clip": ["2", 0], "story": story, "style": "none",
+                                                          "negative": ""}},
+        "4": {"class_type": "SDN_ConsistentSelfAttention", "inputs": {"model": ["1", 0], **csa_inputs}},
+        "5": {"class_type": "SDN_CharacterMasks", "inputs": {"model": ["4", 0], "story": ["3", 4]}},
+        "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 48, "batch_size": ["3", 2]}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["5", 0], **sampler}},
+        "8": {"class_type": "SDN_CharacterMaskImages", "inputs": {"recorder": ["5", 1], "samples": ["7", 0]}},
+        "9": {"class_type": "PreviewAny", "inputs": {"source": ["8", 1]}},
+    }
+    result = host.run(prompt)
+    spans = [p.spans for p in result.node_output("3", 4).panels]
+    assert set(spans[0]) == {"A", "B"} and set(spans[1]) == {"A"} and spans[2] == {}
+    masks = result.node_output("8", 0)
+    assert masks.shape == (6, 48, 64) and masks.dtype == torch.float32
+    assert masks[0].amax() > 0.5 and masks[1].amax() > 0.5 and masks[2].amax() > 0.5
+    assert masks[3].abs().sum() == 0 and masks[4:].abs().sum() == 0
