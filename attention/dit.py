@@ -28,7 +28,8 @@ the same sequence) name no block either: their calls are counted per model call 
 adds: HiDream's llama tokens), read by the APPLY_MODEL wrapper.
 
 DiT image tokens sit at 1/16 of the image (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): their layers use the
-node's 1/16 rate.
+node's 1/16 rate, and subject masks (issue 10) route on their row-major grid (:meth:`Family.grid`): an image query
+sees only the shared tokens inside its character's region (csa.routed_attention), its own sequence in full.
 """
 from __future__ import annotations
 
