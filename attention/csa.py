@@ -205,7 +205,11 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if routing is None:
             out = attention_fn(qs, kk, vv, heads, **attn_kwargs)
         else:
-            out = routed_attention(qs, kk, vv, heads, keys, routing, sl, attention_fn, **attn_kwargs)
+            def attend(seen):
+                if seen is None:
+                    return attention_fn(qs, kk[:, :n], vv[:, :n], heads, **attn_kwargs)
+                return attention_fn(qs, kk, vv, heads, mask=restrict(None, seen, q.dtype), **attn_kwargs)
+            out = routed_attention(attend, keys[:, n:], n, routing, sl, g)
         return out.reshape(g, -1, n, c)
 
     if r == 0:
@@ -215,32 +219,51 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.reshape(rows, n, c)
 
 
-def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, keys: torch.Tensor,
-                     routing: Routing, images: slice, attention_fn: AttentionFn = sdpa_attention,
-                     **attn_kwargs) -> torch.Tensor:
-    """Subject-masked attention of the T images ``images`` of a group, for G chunks: q ``[G * T, N, C]``, k/v
-    ``[G * T, N + E, C]`` (own tokens then the extra tokens), ``keys`` ``(T, N + E)`` their flat indices into
-    the group's tokens. One attention call per slot with a key mask ``[G * T, 1, 1, N + E]`` (own tokens visible,
-    each extra token visible when it lies in the slot character's region: no per-query mask), the queries then
-    taking their slot's result; with K >= 2 slots one more call over the own tokens serves queries in no region.
+def routed_attention(attend: Callable[[torch.Tensor | None], torch.Tensor], extra: torch.Tensor, own: int,
+                     routing: Routing, images: slice, chunks: int, token_dim: int = 1) -> torch.Tensor:
+    """Subject-masked attention of the T images ``images`` of a group, for ``chunks`` chunks G (rows ``chunk * T +
+    image``): one attention call per slot, with a KEY mask (no per-query mask): the ``own`` keys of the row always
+    visible, each of its extra keys (``extra`` ``(T, E)``, flat indices into the group's image tokens, as the plan's)
+    visible when it lies in the slot character's region; every query then takes its slot's result, and with K >= 2
+    slots one more call over the own keys alone serves the queries in no region.
+
+    ``attend(seen)`` runs the T images' queries over their own keys then their extra keys, ``seen`` bool ``(G * T,
+    own + E)`` telling which keys each row may see, or over the own keys alone when ``seen`` is None; its result has
+    the queries (the routing's N tokens) on ``token_dim``. Returns the picked result, shaped as ``attend``'s.
     """
-    n = q.shape[1]
-    g = q.shape[0] // keys.shape[0]
-    inside = routing.member[keys[:, n:]]  # (T, E, C)
+    inside = routing.member[extra]  # (T, E, C)
     slots, query_slot = routing.slots[images], routing.query_slot[images]
-    own = torch.ones(keys.shape[0], n, dtype=torch.bool, device=keys.device)
+    visible = torch.ones(extra.shape[0], own, dtype=torch.bool, device=extra.device)
     out = None
     for s in range(slots.shape[1]):
         char = slots[:, s]
         seen = inside.gather(2, char.clamp_min(0)[:, None, None].expand(-1, inside.shape[1], 1))[..., 0]
-        seen = torch.cat((own, seen & (char >= 0)[:, None]), 1)
-        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
-        res = attention_fn(q, k, v, heads, mask=mask.repeat(g, 1)[:, None, None], **attn_kwargs)
-        out = res if out is None else torch.where((query_slot == s).repeat(g, 1)[..., None], res, out)
+        res = attend(torch.cat((visible, seen & (char >= 0)[:, None]), 1).repeat(chunks, 1))
+        out = res if out is None else torch.where(_per_query(query_slot == s, chunks, res, token_dim), res, out)
     if slots.shape[1] > 1:
-        res = attention_fn(q, k[:, :n], v[:, :n], heads, **attn_kwargs)
-        out = torch.where((query_slot < 0).repeat(g, 1)[..., None], res, out)
+        res = attend(None)
+        out = torch.where(_per_query(query_slot < 0, chunks, res, token_dim), res, out)
     return out
+
+
+def _per_query(pick: torch.Tensor, chunks: int, like: torch.Tensor, token_dim: int) -> torch.Tensor:
+    """``pick`` bool ``(T, N)`` repeated over the chunks and shaped to broadcast over ``like``'s queries on
+    ``token_dim``."""
+    shape = [1] * like.ndim
+    shape[0], shape[token_dim] = chunks * pick.shape[0], pick.shape[1]
+    return pick.repeat(chunks, 1).reshape(shape)
+
+
+def restrict(mask: torch.Tensor | None, seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask hiding the keys where ``seen`` bool ``(rows, K)`` is False: additive ``[rows, 1, 1, K]`` of
+    ``dtype`` (0 or -inf) without ``mask``, else the 4-D ``mask`` over those K keys (:func:`joint_mask`, additive or
+    boolean) with them hidden as well."""
+    hidden = ~seen[:, None, None]
+    if mask is None:
+        return torch.zeros(hidden.shape, dtype=dtype, device=seen.device).masked_fill_(hidden, float("-inf"))
+    if mask.dtype == torch.bool:
+        return mask & ~hidden
+    return torch.where(hidden, torch.full((), float("-inf"), dtype=mask.dtype, device=mask.device), mask)
 
 
 def naive_consistent_self_attention(q, k, v, heads, plan: SamplingPlan, attention_fn: AttentionFn = sdpa_attention):
@@ -272,7 +295,8 @@ def naive_consistent_self_attention(q, k, v, heads, plan: SamplingPlan, attentio
 
 def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SamplingPlan,
                                image_span: tuple[int, int], attention_fn: Callable[..., torch.Tensor],
-                               mask: torch.Tensor | None = None, token_dim: int = 1) -> torch.Tensor:
+                               mask: torch.Tensor | None = None, token_dim: int = 1,
+                               routing: Routing | None = None) -> torch.Tensor:
     """CSA in a DiT's joint attention (text, image and appended tokens in one sequence), for ``G`` chunks of one
     group of B images sharing one plan.
 
@@ -286,8 +310,10 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ``attention_fn(q, k, v, mask)`` is the model's attention on that layout; its output has the query tokens on
     ``token_dim`` (1 for ``[rows, N, heads * D]``, 2 for ``[rows, heads, N, D]``). ``mask``: None, or an additive
     (float) or boolean mask, read as ComfyUI's attention reads it: ``[N, N]`` or 4-D broadcastable to ``[rows,
-    heads, N, N]``, or 3-D ``[rows, N or 1, N]`` (no head axis); the extra keys are always visible. Returns
-    what ``attention_fn`` returns for the whole sequence. Rate 0 or B = 1: one plain call.
+    heads, N, N]``, or 3-D ``[rows, N or 1, N]`` (no head axis); the extra keys are always visible. ``routing``:
+    subject masks (:class:`Routing` over the image tokens, the same for every chunk; :func:`routed_attention`: the
+    image queries see only the extra tokens in their routed character's region, still under ``mask``), or None to
+    share whole images. Returns what ``attention_fn`` returns for the whole sequence. Rate 0 or B = 1: one plain call.
     """
     rows, h, n, d = q.shape
     b, (s, e) = plan.num_images, image_span
@@ -307,7 +333,16 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         kk, vv = (_joint_keys(t5, images, source, token) for t5 in (k5, v5))
         count = kk.shape[0] // g
         part_mask = None if mask is None else _image_mask(mask, g, b, images, s, e, idx.shape[1])
-        res = attention_fn(q5[:, images, :, s:e].reshape(g * count, h, e - s, d), kk, vv, part_mask)
+        qq = q5[:, images, :, s:e].reshape(g * count, h, e - s, d)
+        if routing is None:
+            res = attention_fn(qq, kk, vv, part_mask)
+        else:
+            def attend(seen):  # called at once, in this iteration
+                if seen is None:  # the own row alone, under the model's mask
+                    own = None if part_mask is None else part_mask[..., :n]
+                    return attention_fn(qq, kk[:, :, :n], vv[:, :, :n], own)
+                return attention_fn(qq, kk, vv, restrict(part_mask, seen, q.dtype))
+            res = routed_attention(attend, idx, n, routing, images, g, token_dim)
         out = joint_output(res, rows, n, token_dim) if out is None else out
         out.reshape(g, b, *out.shape[1:])[:, images].narrow(token_dim + 1, s, e - s).copy_(
             res.reshape(g, count, *res.shape[1:]))

@@ -28,11 +28,14 @@ the same sequence) name no block either: their calls are counted per model call 
 adds: HiDream's llama tokens), read by the APPLY_MODEL wrapper.
 
 DiT image tokens sit at 1/16 of the image (VAE 8 x patch 2; Flux.2: VAE 16 x patch 1): their layers use the
-node's 1/16 rate.
+node's 1/16 rate, and subject masks (issue 10) route on their row-major grid (:meth:`Family.grid`): an image query
+sees only the shared tokens inside its character's region (csa.routed_attention), its own sequence in full.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +46,7 @@ from .context import CONTEXT, NODE, Call
 from .csa import attend_outside, image_query_mask, joint_consistent_attention, joint_mask, joint_output
 
 FACTOR = 16  # image-level downsampling of every DiT image token
+OVERRIDE = "optimized_attention_override"  # transformer_options key of ComfyUI's attention override
 # The node's dit_blocks choices, by stage: "single" = the later blocks, "double" = the early ones.
 DIT_BLOCK_CHOICES = {"single-stream": ("single",), "double-stream": ("double",), "all": ("double", "single")}
 
@@ -62,6 +66,9 @@ class Family:
     ``image_first``: the image tokens come first, the text after them (HiDream).
     ``more_text``: tokens the model adds to the conditioning's text, from the model call's other conditioning
     (keyword arguments of the model call): HiDream's two llama streams.
+    ``spans``: the text encoder's tokens are the conditioning's tokens one by one (T5, CLIP), so the story's
+    character token spans point into the joint sequence's text (Flux.1, Chroma, SD3/SD3.5); the LLM encoders of
+    the other families have none.
     """
 
     name: str
@@ -72,9 +79,17 @@ class Family:
     calls: tuple = ()
     image_first: bool = False
     more_text: Callable[[dict], int] | None = None
+    spans: bool = False
+
+    def grid(self, latent_hw: tuple) -> tuple[int, int]:
+        """The image tokens as a row-major ``(rows, columns)`` grid: every family pads the latent to whole patches
+        and patchifies it row by row (Flux, Chroma, Qwen-Image: ``(h w)``; SD3: its patch conv, flattened; NextDiT,
+        HiDream: ``(H W)``)."""
+        return math.ceil(latent_hw[0] / self.patch), math.ceil(latent_hw[1] / self.patch)
 
     def image_tokens(self, latent_hw: tuple) -> int:
-        return math.ceil(latent_hw[0] / self.patch) * math.ceil(latent_hw[1] / self.patch)
+        h, w = self.grid(latent_hw)
+        return h * w
 
     def layout(self, text: int, latent_hw: tuple, conds: dict | None = None) -> tuple:
         """``(start, joint)`` tokens of the patched blocks for a conditioning of ``text`` tokens (``conds``: the
@@ -103,7 +118,7 @@ def _mmdit(net) -> Family:
               for stage, entries in _halves("double", len(net.joint_blocks)).items()}
     calls = tuple(c for i in range(len(net.joint_blocks)) for c in (("double", i),) + ((("x_block", i),) if i in own
                                                                                          else ()))
-    return Family("SD3.5 (MMDiT-X)" if own else "SD3", stages, net.patch_size, exact=True, calls=calls)
+    return Family("SD3.5 (MMDiT-X)" if own else "SD3", stages, net.patch_size, exact=True, calls=calls, spans=True)
 
 
 def _hidream_llama_tokens(conds: dict) -> int:
@@ -133,7 +148,8 @@ def dit_family(model_patcher, node: str = NODE) -> Family | None:
     if type(net) in (flux.Flux, chroma.Chroma):
         name = "Chroma" if type(net) is chroma.Chroma else "Flux.2" if len(net.params.axes_dim) == 4 else "Flux.1"
         return Family(name, {"double": (("double", range(len(net.double_blocks))),),
-                             "single": (("single", range(len(net.single_blocks))),)}, net.patch_size)
+                             "single": (("single", range(len(net.single_blocks))),)}, net.patch_size,
+                      spans=name != "Flux.2")
     if type(net) is qwen_image.QwenImageTransformer2DModel:
         return Family("Qwen-Image", _halves("double", len(net.transformer_blocks)), net.patch_size)
     if type(net) is lumina.NextDiT:
@@ -203,12 +219,7 @@ class JointAttention:
 
         options = kwargs.get("transformer_options") or {}
         ctx: Call | None = options.get(CONTEXT)
-        block = (options.get("block_type"), options.get("block_index"))
-        tokens = q.shape[2 if q.ndim == 4 else 1]
-        if block[1] is None and ctx is not None and ctx.joint is not None and (tokens == ctx.joint or tokens == (
-                ctx.joint - ctx.text) and any(kind == "x_block" for kind, _ in self.calls)):
-            index = next(ctx.blocks)  # a model that names no block: its blocks run in order
-            block = self.calls[index] if index < len(self.calls) else block
+        block = called_block(options, q, self.calls, *((ctx.joint, ctx.text, ctx.blocks) if ctx else (None, 0, None)))
         layer = self.layers.get(block)
         if layer is None:
             return attend(q, k, v, mask)
@@ -232,7 +243,33 @@ class JointAttention:
                                         f"models")
         if ctx.record is not None:
             record(k, v, ctx, layer.name, span)
-        return joint_consistent_attention(q, k, v, level.plan, span, attend, mask, token_dim)
+        return joint_consistent_attention(q, k, v, level.plan, span, attend, mask, token_dim, level.routing)
+
+
+def called_block(options: dict, q, calls: tuple, joint: int | None, start: int, counter: Iterator | None) -> tuple:
+    """``(block_type, block_index)`` of one attention call: as the model names it in ``options``; for a model that
+    names no block (``calls``: :attr:`Family.calls`), the next of its calls when the call runs over the whole
+    ``joint`` sequence (or, SD3.5's attn2, over the image tokens after the text's ``start`` tokens alone), counted by
+    the model call's ``counter``; ``(None, None)`` for any other call. ``q``: ``[rows, heads, N, D]`` or ``[rows, N,
+    heads * D]``."""
+    block = (options.get("block_type"), options.get("block_index"))
+    tokens = q.shape[2 if q.ndim == 4 else 1]
+    if block[1] is None and joint is not None and (tokens == joint or tokens == joint - start and any(
+            kind == "x_block" for kind, _ in calls)):
+        index = next(counter)  # a model that names no block: its blocks run in order
+        block = calls[index] if index < len(calls) else block
+    return block
+
+
+def set_override(options: dict, build: Callable[[object], object]) -> None:
+    """Set ``options``' attention override to ``build(previous)`` (``previous``: the override there, or None), under
+    the observing overrides on top (``observes``: character-mask recording), which must keep seeing the model's own
+    attention calls, not CSA's extended keys, whichever node was applied first."""
+    def place(current):
+        if getattr(current, "observes", False):
+            return dataclasses.replace(current, previous=place(current.previous))
+        return build(current)
+    options[OVERRIDE] = place(options.get(OVERRIDE))
 
 
 def _span(q, ctx: Call, layer, tokens: int) -> tuple:
@@ -338,5 +375,5 @@ def dit_layers(family: Family, stages: tuple) -> dict:
             for i in indices}
 
 
-__all__ = ["DIT_BLOCK_CHOICES", "FACTOR", "Family", "JointAttention", "JointLayer", "SUPPORTED", "dit_family",
-           "dit_layers", "joint_width"]
+__all__ = ["DIT_BLOCK_CHOICES", "FACTOR", "OVERRIDE", "Family", "JointAttention", "JointLayer", "SUPPORTED",
+           "called_block", "dit_family", "dit_layers", "joint_width", "set_override"]

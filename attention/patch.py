@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .bank import BankMismatchError, BankRecorder, layer_name
 from .context import CONTEXT, NODE, RUN, Run, level_tokens
-from .dit import DIT_BLOCK_CHOICES, Family, JointAttention, dit_family, dit_layers, joint_width
+from .dit import DIT_BLOCK_CHOICES, Family, JointAttention, dit_family, dit_layers, joint_width, set_override
 from .regions import level_hw
 from .roles import RecordPatch, SelfAttention
 
@@ -195,10 +195,9 @@ class StoryAttention:
         return level_tokens(latent_hw, factor) if self.family is None else self.family.image_tokens(latent_hw)
 
     def level_hw(self, latent_hw: tuple, factor: int) -> tuple[int, int]:
-        """Height and width (row-major token grid) of the model's layers at ``factor`` for a latent of ``latent_hw``."""
-        if self.family is None:
-            return level_hw(latent_hw, factor)
-        raise UnsupportedModelError(f"{NODE}: subject masks are not supported on {self.family.name} yet")
+        """Height and width (row-major token grid) of the model's layers at ``factor`` for a latent of ``latent_hw``
+        (a DiT: its image tokens, :meth:`dit.Family.grid`)."""
+        return level_hw(latent_hw, factor) if self.family is None else self.family.grid(latent_hw)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
@@ -287,12 +286,13 @@ def apply_csa(model_patcher, settings: CSASettings):
 
 def _apply_dit_csa(model_patcher, family: Family, settings: CSASettings):
     m = model_patcher.clone()
-    options = m.model_options.setdefault("transformer_options", {})
-    previous = options.get("optimized_attention_override")
-    if isinstance(previous, JointAttention):  # CSA applied twice: the new settings replace the old ones
-        previous = previous.previous
     layers = dit_layers(family, settings.dit_blocks)
-    options["optimized_attention_override"] = JointAttention(layers, previous, family.calls)
+
+    def build(previous):
+        if isinstance(previous, JointAttention):  # CSA applied twice: the new settings replace the old ones
+            previous = previous.previous
+        return JointAttention(layers, previous, family.calls)
+    set_override(m.model_options.setdefault("transformer_options", {}), build)
     _install(m, StoryAttention(settings, {layer.name: layer for layer in layers.values()}, family=family))
     return m
 
@@ -365,20 +365,22 @@ def _apply_dit_reading(model_patcher, family: Family, reader: BankReader, node: 
     already on the model keep their settings."""
     spec = _story_attention(model_patcher)
     m = model_patcher.clone()
-    options = m.model_options.setdefault("transformer_options", {})
-    previous = options.get("optimized_attention_override")
-    layers = {}
-    if isinstance(previous, JointAttention):
-        layers, previous = dict(previous.layers), previous.previous
     blocks = dit_layers(family, tuple(family.stages))
-    for name in sorted(set().union(*(bank.layers for bank in reader.banks))):
-        block_type, index = name.split(".")
-        key = (block_type, int(index))
-        if key not in blocks:
-            raise BankMismatchError(f"{node}: a character bank holds block {name}, which this model does not "
-                                    f"have: it was recorded with another architecture")
-        layers[key] = layers.get(key, blocks[key].derived(shares=False)).derived(reader=reader, family=family)
-    options["optimized_attention_override"] = JointAttention(layers, previous, family.calls)
+    layers = {}
+
+    def build(previous):
+        if isinstance(previous, JointAttention):
+            layers.update(previous.layers)
+            previous = previous.previous
+        for name in sorted(set().union(*(bank.layers for bank in reader.banks))):
+            block_type, index = name.split(".")
+            key = (block_type, int(index))
+            if key not in blocks:
+                raise BankMismatchError(f"{node}: a character bank holds block {name}, which this model does not "
+                                        f"have: it was recorded with another architecture")
+            layers[key] = layers.get(key, blocks[key].derived(shares=False)).derived(reader=reader, family=family)
+        return JointAttention(layers, previous, family.calls)
+    set_override(m.model_options.setdefault("transformer_options", {}), build)
     _install(m, StoryAttention(spec.settings if spec is not None else None,
                                {layer.name: layer for layer in layers.values()}, reader=reader, family=family))
     return m

@@ -66,8 +66,8 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "image's extra keys are the sampled tokens of the other images that lie inside the mask of a "
                     "character its panel names; its own tokens stay visible. In a panel naming several characters, "
                     "image tokens inside A's mask see only A's tokens, inside B's only B's, elsewhere only their own "
-                    "image. [NC] panels share nothing; the first step (no masks yet) shares nothing. Off: whole "
-                    "images, as the paper.")),
+                    "image. [NC] panels share nothing; the first step (no masks yet) shares nothing. DiTs too, in "
+                    "their joint attention (text queries unchanged). Off: whole images, as the paper.")),
             ],
             outputs=[io.Model.Output(display_name="CSA model", tooltip="A patched clone; the input model is unchanged.")],
         )

@@ -8,7 +8,8 @@ from .types import MASK_RECORDER, STORY
 
 
 class CharacterMasks(io.ComfyNode):
-    """A MODEL that records each panel's character masks from its cross-attention while the panels are sampled."""
+    """A MODEL that records each panel's character masks from its cross-attention (a DiT: its joint attention to
+    the characters' words) while the panels are sampled."""
 
     @classmethod
     def define_schema(cls):
@@ -16,7 +17,10 @@ class CharacterMasks(io.ComfyNode):
             node_id="SDN_CharacterMasks", display_name="Character Masks (StoryDiffusion)",
             category="StoryDiffusion/characters", description=cls.__doc__,
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x/SD2.x/SDXL model (CSA, IP-Adapter and other patches are kept)."),
+                io.Model.Input("model", tooltip=(
+                    "An SD1.x/SD2.x/SDXL model (masks from cross-attention) or a DiT: Flux.1, Chroma, SD3/SD3.5 "
+                    "(masks from the text part of the early blocks' joint attention); Flux.2, Qwen-Image, Lumina2, "
+                    "Z-Image and HiDream with given masks only. CSA, IP-Adapter and other patches are kept.")),
                 STORY.Input("story", tooltip=(
                     "SDN_StoryPrompt's story output: its panels' character token spans. Sample its positive "
                     "conditioning, one image per panel.")),
@@ -62,7 +66,7 @@ class MaskImages(io.ComfyNode):
                 MASK_RECORDER.Input("recorder", tooltip="From Character Masks."),
                 io.Latent.Input("samples", tooltip=(
                     "The KSampler's output with Character Masks' model: connecting it makes this node wait for "
-                    "that sampling; the masks get 8 x its latent size.")),
+                    "that sampling; the masks get the image size (8 x its latent size; Flux.2: 16 x).")),
             ],
             outputs=[io.Mask.Output("masks", display_name="masks", tooltip=(
                          "panels x characters masks in [0, 1], row = panel x characters + character; all zeros where "
@@ -75,8 +79,8 @@ class MaskImages(io.ComfyNode):
         if recorder.masks is not None and tuple(latent.shape[-2:]) != recorder.latent_hw:
             raise NodeInputError("SDN_CharacterMaskImages", "samples", f"the latents sampled with Character Masks' "
                                  f"model (latent size {recorder.latent_hw})", got=f"{tuple(latent.shape[-2:])}")
-        h, w = latent.shape[-2:]
-        return io.NodeOutput(recorder.stacked((8 * h, 8 * w)), "\n".join(recorder.labels()))
+        h, w = (recorder.scale * side for side in latent.shape[-2:])
+        return io.NodeOutput(recorder.stacked((h, w)), "\n".join(recorder.labels()))
 
 
 NODES = [CharacterMasks, MaskImages]

@@ -36,8 +36,8 @@ def nextdit_layout(kind, layers=1, size=6):
 
 
 def sample_dit(model, b, kind, cfg=1.0, steps=2, seed=0, size=6):
-    """Sample a ``b``-image batch of a small DiT with the stock sampler (``size``: latent side; Qwen-Image's
-    latents are 5-D with one frame)."""
+    """Sample a ``b``-image batch of a small DiT with the stock sampler (``size``: latent side, or (height, width);
+    Qwen-Image's latents are 5-D with one frame)."""
     import comfy.sample
 
     gen = torch.Generator().manual_seed(123)
@@ -45,7 +45,8 @@ def sample_dit(model, b, kind, cfg=1.0, steps=2, seed=0, size=6):
     positive = [[torch.randn(b, TEXT, 32, generator=gen), extra(b)]]
     negative = [[torch.randn(1, TEXT, 32, generator=gen), extra(1)]]
     channels = {"flux2": 128, "qwen": 16}.get(kind, 16)
-    latent = torch.zeros(b, channels, 1, size, size) if kind == "qwen" else torch.zeros(b, channels, size, size)
+    hw = (size, size) if isinstance(size, int) else size
+    latent = torch.zeros(b, channels, 1, *hw) if kind == "qwen" else torch.zeros(b, channels, *hw)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=seed,
                                disable_pbar=True)
@@ -330,7 +331,8 @@ def small_counted(kind, layers=2):
 
 
 def sample_counted(model, b, kind, cfg=1.0, steps=2, seed=0, size=6):
-    """Sample a ``b``-image batch of a small SD3 or HiDream with the stock sampler (``size``: latent side)."""
+    """Sample a ``b``-image batch of a small SD3 or HiDream with the stock sampler (``size``: latent side, or
+    (height, width))."""
     import comfy.sample
 
     gen = torch.Generator().manual_seed(123)
@@ -342,7 +344,7 @@ def sample_counted(model, b, kind, cfg=1.0, steps=2, seed=0, size=6):
         return conds
     positive = [[torch.randn(b, TEXT, 32, generator=gen), extra(b)]]
     negative = [[torch.randn(1, TEXT, 32, generator=gen), extra(1)]]
-    latent = torch.zeros(b, 16, size, size)
+    latent = torch.zeros(b, 16, *((size, size) if isinstance(size, int) else size))
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=seed,
                                disable_pbar=True)

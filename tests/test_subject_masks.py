@@ -31,10 +31,11 @@ def given_masks(images=5, seed=3):
     return F.interpolate(m, size=(SIZE, SIZE), mode="nearest")
 
 
-def regions_at(soft, named, n, threshold):
-    """(member (images, n, C) bool, value (images, n, C)) at a level of n tokens (a square grid)."""
+def regions_at(soft, named, n, threshold, hw=None):
+    """(member (images, n, C) bool, value (images, n, C)) at a level of n tokens: a row-major ``hw`` grid, default
+    square."""
     side = int(round(n ** 0.5))
-    maps = F.interpolate(soft.float(), size=(side, side), mode="bilinear", align_corners=False)
+    maps = F.interpolate(soft.float(), size=hw or (side, side), mode="bilinear", align_corners=False)
     maps = maps.flatten(2).transpose(1, 2).clone()
     for i, cols in enumerate(named):
         for c in range(maps.shape[2]):
