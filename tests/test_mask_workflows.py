@@ -3,12 +3,15 @@ and executor: every character's references in front of each batch (bank-free ref
 the CSA model, subject-masked CSA, the masks as images, comic pages.
 
 The checkpoint loader is swapped for SDNTest_TinyCheckpoint and sizes, steps and pages are shrunk as in
-test_bank_workflows.py; everything else is the shipped graph. Expectations (which panels are references, who each
+test_bank_workflows.py; everything else is the shipped graph, run once with two comparison branches added on
+the same batches (subject masks off; no CSA). Expectations (which panels are references, who each
 panel names, batch contents) are written here from the story text, not taken from the code under test.
 """
+import json
+
 import torch
 
-from test_bank_workflows import SIZE, by_type, check_pages, items, prepare, shipped_story, titled
+from test_bank_workflows import SIZE, WORKFLOWS, by_type, check_pages, items, prepare, shipped_story, titled
 
 NAME = "two_characters_masks_sd15.json"
 # Story panels (0-based): 0, 1 Mira alone, 2, 3 Otto alone (the references), 4 [NC], 5 Mira + Otto, 6 Otto,
@@ -21,10 +24,6 @@ NO_CHARACTER = {4, 9}
 
 
 def test_shipped_story(pack):
-    import json
-
-    from test_bank_workflows import WORKFLOWS
-
     story = shipped_story(pack, json.loads((WORKFLOWS / NAME).read_text()))
     assert {p.index: set(p.characters) for p in story.panels} == NAMED
     assert {p.index for p in story.panels if p.no_character} == NO_CHARACTER
