@@ -188,7 +188,8 @@ class StoryPanels(io.ComfyNode):
                     "of the story. all: every panel (e.g. when all banks are loaded from files).")),
                 io.String.Input("character", default="", tooltip=(
                     "Character whose references to select (its name without brackets); empty = the story's "
-                    "first character. Ignored by rest and all.")),
+                    "first character; * = every character's, in story order (e.g. all references in front of "
+                    "bank-free batches). Ignored by rest and all.")),
                 io.Int.Input("reference_count", default=1, min=1, max=64, tooltip=(
                     "References per character (the reference app's id_length). Use the same value in the "
                     "references and rest nodes.")),

@@ -27,6 +27,7 @@ from ..errors import NodeInputError
 from .parser import Panel, Story
 
 PARTS = ("references", "rest", "all")
+ALL_CHARACTERS = "*"  # select_panels' character meaning every character's references
 
 
 def _is_solo(panel: Panel, name: str) -> bool:
@@ -42,7 +43,8 @@ def reference_panels(story: Story, name: str, count: int, node: str = "SDN_Story
     character alone and those that name it with others).
     """
     if name not in story.characters:
-        raise NodeInputError(node, "character", f"one of the story's characters ({', '.join(story.characters) or 'none'})",
+        raise NodeInputError(node, "character", f"one of the story's characters "
+                             f"({', '.join(story.characters) or 'none'}), or {ALL_CHARACTERS} for every character's",
                              got=repr(name))
     if count < 1:
         raise NodeInputError(node, "reference_count", "at least 1", got=str(count))
@@ -86,8 +88,9 @@ def select_panels(story: Story, part: str, character: str = "", count: int = 1,
                   node: str = "SDN_StoryPanels") -> tuple[tuple[int, ...], Story]:
     """(positions, sub_story) of the panels of ``part``.
 
-    part: "references" (of ``character``, empty = the story's first character), "rest" (not a reference of
-    any character) or "all". positions: 0-based positions of the selected panels inside ``story.panels``
+    part: "references" (of ``character``; empty = the story's first character; ``*`` = every character's, in
+    story order, e.g. all references in front of bank-free batches), "rest" (not a reference of any character)
+    or "all". positions: 0-based positions of the selected panels inside ``story.panels``
     (rows of the story's conditioning; not necessarily equal to ``Panel.index`` when ``story`` is itself a
     sub-story). Errors: NodeInputError for an unknown part, unknown character, reference_count < 1, too few
     reference panels, and an empty "rest" selection.
@@ -98,7 +101,8 @@ def select_panels(story: Story, part: str, character: str = "", count: int = 1,
         name = character.strip() or next(iter(story.characters), "")
         if not name:
             raise NodeInputError(node, "story", "a story that defines at least one character (for references)")
-        chosen = {p.index for p in reference_panels(story, name, count, node)}
+        names = story.characters if name == ALL_CHARACTERS else (name,)
+        chosen = {p.index for n in names for p in reference_panels(story, n, count, node)}
     elif part == "rest":
         chosen = {p.index for p in rest_panels(story, count)}
         if not chosen:

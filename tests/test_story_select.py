@@ -67,6 +67,16 @@ def test_references_are_first_solo_panels(sel, story, name, count, expected):
     assert sub.characters == story.characters and sub.style == story.style
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_references_of_every_character(sel, story, count):
+    # "*": every character's first `count` solo panels, in story order (one conditioning for bank-free batches)
+    positions, sub = sel.select_panels(story, "references", " * ", count)
+    expected = sorted(ANN_SOLO[:count] + BOB_SOLO[:count])
+    assert list(positions) == expected and [p.index for p in sub.panels] == expected
+    rest = sel.select_panels(story, "rest", "", count)[0]
+    assert sorted(positions + rest) == list(range(9)) and not set(positions) & set(rest)  # the rest's complement
+
+
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_rest_excludes_references_of_every_character(sel, story, count):
     positions, sub = sel.select_panels(story, "rest", "Bob", count)  # character is ignored by rest
@@ -89,10 +99,12 @@ def test_selection_errors(sel, story, pack):
     err = pack("errors").NodeInputError
     with pytest.raises(err, match="reference_count.*at least 4 panel.*Ann.*lines 6, 8, 11.*lines 4, 9"):
         sel.select_panels(story, "references", "Ann", 4)
-    with pytest.raises(err, match="character.*Ann, Bob.*'Zed'"):
+    with pytest.raises(err, match=r"character.*Ann, Bob\), or \* for every character's.*'Zed'"):
         sel.select_panels(story, "references", "Zed", 1)
     with pytest.raises(err, match="reference_count"):
         sel.select_panels(story, "references", "Ann", 0)
+    with pytest.raises(err, match="reference_count.*at least 4 panel.*Ann"):  # "*": the first one short
+        sel.select_panels(story, "references", "*", 4)
     with pytest.raises(err, match="part"):
         sel.select_panels(story, "middle", "Ann", 1)
     only_refs = pack("story.parser").parse_story("[Ann] a girl\n---\n[Ann] walks\n[Ann] runs")
