@@ -220,26 +220,45 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
                      **attn_kwargs) -> torch.Tensor:
     """Subject-masked attention of the T images ``images`` of a group, for G chunks: q ``[G * T, N, C]``, k/v
     ``[G * T, N + E, C]`` (own tokens then the extra tokens), ``keys`` ``(T, N + E)`` their flat indices into
-    the group's tokens. One attention call per slot with a key mask ``[G * T, 1, 1, N + E]`` (own tokens visible,
-    each extra token visible when it lies in the slot character's region: no per-query mask), the queries then
-    taking their slot's result; with K >= 2 slots one more call over the own tokens serves queries in no region.
+    the group's tokens. An extra token is visible to slot s of image i when it lies in the region of character
+    ``routing.slots[i, s]`` (:func:`slot_attention` does the calls).
     """
     n = q.shape[1]
     g = q.shape[0] // keys.shape[0]
-    inside = routing.member[keys[:, n:]]  # (T, E, C)
-    slots, query_slot = routing.slots[images], routing.query_slot[images]
-    own = torch.ones(keys.shape[0], n, dtype=torch.bool, device=keys.device)
+    return slot_attention(q, k, v, heads, region_visible(routing, keys[:, n:], images).repeat(g, 1, 1),
+                          routing.query_slot[images].repeat(g, 1), attention_fn, **attn_kwargs)
+
+
+def region_visible(routing: Routing, extra: torch.Tensor, images: slice) -> torch.Tensor:
+    """bool ``(T, K, E)``: extra token e (``extra`` ``(T, E)``, flat indices into the group's tokens) of image
+    ``images[t]`` lies in the region of the character of its slot k (False for padding slots)."""
+    slots = routing.slots[images]  # (T, K)
+    inside = routing.member[extra].gather(2, slots.clamp_min(0)[:, None].expand(-1, extra.shape[1], -1))
+    return (inside & (slots >= 0)[:, None]).transpose(1, 2)
+
+
+def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, visible: torch.Tensor,
+                   query_slot: torch.Tensor, attention_fn: AttentionFn = sdpa_attention,
+                   **attn_kwargs) -> torch.Tensor:
+    """Attention where each query reads its own tokens and the extra tokens of its slot (subject masks).
+
+    q ``[R, N, C]``; k, v ``[R, N + E, C]`` (the row's own N tokens, then E extra tokens); ``visible`` bool
+    ``(R, K, E)``: extra token e is visible to slot k of the row; ``query_slot`` long ``(R, N)``: the slot each
+    query reads, -1 for none (its own tokens only). One attention call per slot with a key mask ``[R, 1, 1, N + E]``
+    (own tokens always visible: no row is fully masked, no per-query mask), each query then taking its slot's
+    result; with K >= 2 slots one more call over the own tokens serves the queries of no slot. Returns ``[R, N, C]``.
+    """
+    rows, n = q.shape[:2]
+    own = torch.ones(rows, n, dtype=torch.bool, device=q.device)
     out = None
-    for s in range(slots.shape[1]):
-        char = slots[:, s]
-        seen = inside.gather(2, char.clamp_min(0)[:, None, None].expand(-1, inside.shape[1], 1))[..., 0]
-        seen = torch.cat((own, seen & (char >= 0)[:, None]), 1)
+    for s in range(visible.shape[1]):
+        seen = torch.cat((own, visible[:, s]), 1)
         mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
-        res = attention_fn(q, k, v, heads, mask=mask.repeat(g, 1)[:, None, None], **attn_kwargs)
-        out = res if out is None else torch.where((query_slot == s).repeat(g, 1)[..., None], res, out)
-    if slots.shape[1] > 1:
+        res = attention_fn(q, k, v, heads, mask=mask[:, None, None], **attn_kwargs)
+        out = res if out is None else torch.where((query_slot == s)[..., None], res, out)
+    if visible.shape[1] > 1:
         res = attention_fn(q, k[:, :n], v[:, :n], heads, **attn_kwargs)
-        out = torch.where((query_slot < 0).repeat(g, 1)[..., None], res, out)
+        out = torch.where((query_slot < 0)[..., None], res, out)
     return out
 
 
