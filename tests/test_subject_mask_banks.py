@@ -207,3 +207,50 @@ def test_masked_reading_adds_no_host_sync_per_layer(host, pack, sd15):
     reading = patch.apply_reading(masked(pack, sd15, panels, regions, 0.5),
                                   patch.BankReader(banks, routing, share=True, subject_masks=True))
     assert count(reading) == plain
+
+
+def test_sharing_within_the_batch_routes_bank_and_batch_tokens_as_the_oracle(host, pack, sd15):
+    # share_within_batch at rate 1: a query of character c's region sees its own image, c's bank tokens whose bit is
+    # set, and every other panel's tokens inside c's region; outside every region of a two-character panel, its
+    # own image only. The oracle builds each query's key set token by token (bank tokens projected by the layer).
+    from sampling_helpers import mha
+    from test_character_banks import projected
+    from test_subject_masks import label, with_replace
+
+    soft = given_masks(5, seed=11)
+    ref_noise, ref_cond = inputs(2, 12)
+    banks = tuple(record(pack, sd15, (f"[{c}] one",), soft[i:i + 1], 1.0, ref_noise[i:i + 1], ref_cond[i:i + 1],
+                         name=c)[0] for i, c in enumerate("AB"))
+    panels, named = ("[A] and [B] play", "[B] sleeps", "[NC] a forest"), ((0, 1), (1,), ())
+    regions = soft[2:]
+    model = read_node(host, masked(pack, sd15, panels, regions, 1.0), banks, panels, pack, share=True)
+
+    def replace(q, k, v, extra):
+        step = int(torch.argmin((extra["sample_sigmas"][:-1] - extra["sigmas"].max()).abs()))
+        layer = f"{extra['block'][0]}.{extra['block'][1]}.{extra['block_index']}"
+        chunks, heads, n = extra["cond_or_uncond"], extra["n_heads"], q.shape[1]
+        b = q.shape[0] // len(chunks)
+        member, value = regions_at(regions, named, n, 0.5)
+        out = torch.empty_like(q)
+        for ch, half in enumerate(chunks):
+            in_region = []  # per character: its bank's keys and values whose bit is set
+            for bank in banks:
+                bits = bank.entries[(step, layer, half)].bits
+                in_region.append([x[bits] for x in projected(sd15, bank, (step, layer, half))])
+            for i in range(b):
+                row = ch * b + i
+                for t in range(n):
+                    c = label(i, t, named, member, value)
+                    keys, vals = [k[row]], [v[row]]
+                    if c is not None:
+                        keys.append(in_region[c][0])
+                        vals.append(in_region[c][1])
+                        for j in range(b):
+                            if j != i:
+                                keys.append(k[ch * b + j][member[j, :, c]])
+                                vals.append(v[ch * b + j][member[j, :, c]])
+                    out[row, t] = mha(q[row, t:t + 1], torch.cat(keys), torch.cat(vals), heads)[0]
+        return out
+    noise, cond = inputs(3, 13)
+    got = draw(model, noise, cond, STEPS)
+    torch.testing.assert_close(got, draw(with_replace(sd15, replace), noise, cond, STEPS), atol=1e-5, rtol=1e-5)
