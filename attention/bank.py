@@ -20,6 +20,13 @@ schedule (no step 0, a fifth of the layer calls skipped) records about 0.76 of t
 ~0.48 GB. It grows linearly with references, steps, rate and layers: a start/end percent range, lower rates or
 fewer blocks shrink it.
 
+Subject masks (issue 10): a bank recorded by a model with subject-masked CSA (and SDN_CharacterMasks' model, every
+reference panel naming the bank's one character) also keeps, per entry, one region bit a recorded token (bool
+``(R * M,)``, 1 B each: + 1/C of the size): whether the token lay in that character's region at that step, from the
+routing CSA used there (regions.routing). Reading with subject masks shows a panel's character only its bank's
+tokens whose bit is set; banks without bits (recorded without subject masks, every earlier file) are refused
+there and read whole elsewhere.
+
 A bank records the schedule (sigmas), the latent size and a fingerprint of the model; reading under a
 different one is refused (BankMismatchError) rather than silently misaligned.
 """
