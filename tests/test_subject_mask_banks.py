@@ -14,6 +14,7 @@ from test_csa_context import draw
 from test_subject_masks import SIZE, given_masks, parsed, regions_at
 
 CHARACTERS = "[A] a fox\n[B] a cat\n---\n"
+STEPS = 2
 
 
 def story(pack, *panels):
@@ -51,9 +52,6 @@ def read_node(host, model, banks, panels, pack, subject_masks=True, share=False)
     extra = {f"bank_{i + 2}": b for i, b in enumerate(banks[1:])}
     return node.execute(model, banks[0], share, story=story(pack, *panels), subject_masks=subject_masks,
                         **extra)[0]
-
-
-STEPS = 2
 
 
 def inputs(count, seed):
@@ -254,3 +252,20 @@ def test_sharing_within_the_batch_routes_bank_and_batch_tokens_as_the_oracle(hos
     noise, cond = inputs(3, 13)
     got = draw(model, noise, cond, STEPS)
     torch.testing.assert_close(got, draw(with_replace(sd15, replace), noise, cond, STEPS), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_reading_is_refused_on_dits_and_over_other_attn1_patches(pack, sd15):
+    from models import small_flux
+
+    bank_mod, patch, errors = pack("attention.bank"), pack("attention.patch"), pack("errors")
+    dit_bank = bank_mod.CharacterBank("A", "", {(0, "double.0", 0): (torch.randn(16, 8), None, torch.ones(8) > 0)},
+                                      (1.0, 0.0), (6, 6), "f" * 32, 2, {})
+    with pytest.raises(errors.UnsupportedModelError, match="SDN_ReadCharacterBanks: input 'subject_masks'"):
+        patch.apply_reading(small_flux(), patch.BankReader((dit_bank,), subject_masks=True))
+    unet_bank = bank_mod.CharacterBank("A", "", {(0, "output.3.0", 0): (torch.randn(4, 8), None, torch.ones(4) > 0)},
+                                       (1.0, 0.0), (8, 8), "f" * 32, 1, {})
+    other = sd15.clone()
+    other.set_model_attn1_replace(lambda q, k, v, extra: q, "output", 3, 0)
+    with pytest.raises(errors.UnsupportedModelError, match="input 'subject_masks': .*another attn1 replace"):
+        patch.apply_reading(other, patch.BankReader((unet_bank,), subject_masks=True))
+    assert patch.apply_reading(other, patch.BankReader((unet_bank,)))  # without masks the patch is chained
