@@ -20,6 +20,13 @@ schedule (no step 0, a fifth of the layer calls skipped) records about 0.76 of t
 ~0.48 GB. It grows linearly with references, steps, rate and layers: a start/end percent range, lower rates or
 fewer blocks shrink it.
 
+Subject masks (issue 10): a bank recorded by a model with subject-masked CSA (and SDN_CharacterMasks' model, every
+reference panel naming the bank's one character) also keeps, per entry, one region bit a recorded token (bool
+``(R * M,)``, 1 B each: + 1/C of the size): whether the token lay in that character's region at that step, from the
+routing CSA used there (regions.routing). Reading with subject masks shows a panel's character only its bank's
+tokens whose bit is set; banks without bits (recorded without subject masks, every earlier file) are refused
+there and read whole elsewhere.
+
 A bank records the schedule (sigmas), the latent size and a fingerprint of the model; reading under a
 different one is refused (BankMismatchError) rather than silently misaligned.
 """
@@ -67,9 +74,10 @@ def bank_kind(layer: str) -> str | None:
     return next((kind for kind, pattern in KINDS.items() if pattern.fullmatch(layer)), None)
 
 
-def entry_bytes(rows: int, channels: int, dtype: torch.dtype) -> int:
-    """Bytes of one bank entry of ``rows`` tokens x ``channels`` in ``dtype`` (fp8: + one float32 scale a row)."""
-    return rows * channels * dtype.itemsize + (4 * rows if dtype == torch.float8_e4m3fn else 0)
+def entry_bytes(rows: int, channels: int, dtype: torch.dtype, bits: int = 0) -> int:
+    """Bytes of one bank entry of ``rows`` rows x ``channels`` in ``dtype`` (fp8: + one float32 scale a row), plus
+    ``bits`` region bits (one byte each: subject masks)."""
+    return rows * channels * dtype.itemsize + (4 * rows if dtype == torch.float8_e4m3fn else 0) + bits
 
 
 def layer_name(block, block_index) -> str:
@@ -142,10 +150,13 @@ def _feed(h, value) -> None:
 
 class Tokens(NamedTuple):
     """Hidden states of sampled reference tokens: ``hidden`` ``(R * M, C)`` in the storage dtype; for fp8,
-    ``scale`` ``(R * M, 1)`` float32 with value = hidden * scale, else None."""
+    ``scale`` ``(R * M, 1)`` float32 with value = hidden * scale, else None; ``bits`` bool ``(R * M,)`` when
+    recorded with subject masks: the token lies in the region of the character its reference's panel names (at
+    that step, from the routing CSA used), else None."""
 
     hidden: torch.Tensor
     scale: torch.Tensor | None = None
+    bits: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -185,8 +196,11 @@ class RecordingRun:
     entries to the recorder. A run that does not finish hands nothing over.
     """
 
-    def __init__(self, recorder: "BankRecorder", schedule: tuple, latent_hw: tuple, refs: int, device):
+    def __init__(self, recorder: "BankRecorder", schedule: tuple, latent_hw: tuple, refs: int, device,
+                 masked: bool = False):
         self.recorder, self.schedule, self.latent_hw, self.refs = recorder, schedule, latent_hw, refs
+        self.masked = masked  # subject masks: every entry keeps its tokens' region bits
+        self.subject = None  # the character the references name (subject masks), set while recording
         self.device = torch.device(device)
         self.store_device = self.device if recorder.storage_device == "compute" else torch.device("cpu")
         self.pinned = self.store_device.type == "cpu" and self.device.type == "cuda"
@@ -205,25 +219,30 @@ class RecordingRun:
         dtype = self.recorder.storage_dtype
         kw = dict(device=self.store_device, pin_memory=self.pinned)
         flat = torch.empty(sum(rows * c for _, rows, c in layers), dtype=dtype, **kw)
-        scales = torch.empty(sum(rows for _, rows, _ in layers), **kw) if dtype == torch.float8_e4m3fn else None
-        views, at, at_scale = {}, 0, 0
+        total = sum(rows for _, rows, _ in layers)
+        scales = torch.empty(total, **kw) if dtype == torch.float8_e4m3fn else None
+        bits = torch.empty(total, dtype=torch.bool, **kw) if self.masked else None
+        views, at, at_row = {}, 0, 0
         for name, rows, c in layers:
             hidden = flat[at:at + rows * c].view(rows, c)
-            scale = None if scales is None else scales[at_scale:at_scale + rows].view(rows, 1)
-            views[name] = Tokens(hidden, scale)
-            at, at_scale = at + rows * c, at_scale + rows
+            scale = None if scales is None else scales[at_row:at_row + rows].view(rows, 1)
+            views[name] = Tokens(hidden, scale, None if bits is None else bits[at_row:at_row + rows])
+            at, at_row = at + rows * c, at_row + rows
         return views
 
-    def write(self, key: tuple, dest: Tokens, x: torch.Tensor) -> None:
-        """Record ``x`` as entry ``key`` = (step, layer, half) into ``dest`` (from :meth:`targets`)."""
+    def write(self, key: tuple, dest: Tokens, x: torch.Tensor, bits: torch.Tensor | None = None) -> None:
+        """Record ``x`` as entry ``key`` = (step, layer, half) into ``dest`` (from :meth:`targets`), with its
+        tokens' region ``bits`` (bool ``(R * M,)``) when the run is masked."""
         store(dest, x, self.pinned)
+        if dest.bits is not None:
+            dest.bits.copy_(bits, non_blocking=self.pinned)
         self.written.add(key)
 
     def finish(self) -> None:
         if self.pinned:  # the run's one wait: every non-blocking copy has landed
             torch.cuda.current_stream(self.device).synchronize()
         entries = {key: self.buffers[(key[0], key[2])][key[1]] for key in sorted(self.written)}
-        self.recorder.publish(entries, self.schedule, self.latent_hw, self.refs)
+        self.recorder.publish(entries, self.schedule, self.latent_hw, self.refs, self.subject)
 
 
 @dataclass
@@ -243,6 +262,7 @@ class BankRecorder:
     reference_count: int = 0
     max_bytes: int = 0  # refuse runs whose estimate exceeds it (0: no limit)
     estimate: int = 0  # the last run's estimated size in bytes
+    subject: str | None = None  # recorded with subject masks: the character the reference panels name
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies options: keep one recorder
         return self
@@ -260,16 +280,18 @@ class BankRecorder:
                 f"number: the same panels, no bank), or shrink the bank (fewer steps, a start/end percent range, "
                 f"lower rates, fewer blocks, fp8), or raise max_size_gb (0 = no limit)")
 
-    def start(self, schedule: tuple, latent_hw: tuple, refs: int, device) -> RecordingRun:
-        return RecordingRun(self, schedule, latent_hw, refs, device)
+    def start(self, schedule: tuple, latent_hw: tuple, refs: int, device, masked: bool = False) -> RecordingRun:
+        return RecordingRun(self, schedule, latent_hw, refs, device, masked)
 
-    def publish(self, entries: dict, schedule: tuple, latent_hw: tuple, refs: int) -> None:
+    def publish(self, entries: dict, schedule: tuple, latent_hw: tuple, refs: int, subject: str | None = None) -> None:
         self.entries, self.schedule, self.latent_hw, self.reference_count = entries, schedule, latent_hw, refs
+        self.subject = subject
 
 
 @dataclass(frozen=True)
 class CharacterBank:
-    """An immutable recorded bank: ``entries[(step, layer, half)] = Tokens``, each ``(R*M, C)``.
+    """An immutable recorded bank: ``entries[(step, layer, half)] = Tokens``, each ``(R*M, C)``, with region bits
+    in every entry (recorded with subject masks: :attr:`masked`) or in none.
 
     ``half`` is ComfyUI's cond_or_uncond flag (0 positive, 1 negative). ``schedule``: the sigmas the reference
     panels were sampled with (rounded); ``latent_hw``: their latent size.
@@ -284,8 +306,13 @@ class CharacterBank:
     reference_count: int
     settings: dict
 
-    def __post_init__(self):  # entries given as plain (hidden, scale) pairs become Tokens
+    def __post_init__(self):  # entries given as plain (hidden, scale[, bits]) tuples become Tokens
         object.__setattr__(self, "entries", {key: Tokens(*value) for key, value in self.entries.items()})
+
+    @property
+    def masked(self) -> bool:
+        """Recorded with subject masks: every entry holds its tokens' region bits."""
+        return bool(self.entries) and all(t.bits is not None for t in self.entries.values())
 
     @staticmethod
     def from_recorder(rec: BankRecorder, name: str, description: str) -> "CharacterBank":
@@ -318,8 +345,9 @@ class CharacterBank:
         dtype = _DTYPE_NAMES.get(first.hidden.dtype, first.hidden.dtype) if first else None
         device = first.hidden.device if first else None
         what = "DiT blocks (keys and values)" if self.kind == "dit" else "layers"
+        masks = ", with subject masks" if self.masked else ""
         return (f"character bank '{self.name}': {self.reference_count} reference image(s), {len(self.steps)} steps, "
-                f"{len(self.layers)} {what}, {self.size_bytes / 2**20:.1f} MiB ({dtype}, on {device}); "
+                f"{len(self.layers)} {what}{masks}, {self.size_bytes / 2**20:.1f} MiB ({dtype}, on {device}); "
                 f"latent {self.latent_hw[0]}x{self.latent_hw[1]}, {max(len(self.schedule) - 1, 0)}-step schedule")
 
     def check_schedule(self, schedule: tuple, latent_hw: tuple):
@@ -336,8 +364,8 @@ class CharacterBank:
                 f"(sigmas {_short(schedule)}). Use the same steps, scheduler and denoise as the recording.")
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the bank to ``path`` (safetensors: tensors ``<i>.h`` (hidden states) and, for fp8, ``<i>.s``
-        (scales); everything else in the metadata).
+        """Write the bank to ``path`` (safetensors: tensors ``<i>.h`` (hidden states), for fp8 ``<i>.s`` (scales),
+        with subject masks ``<i>.b`` (region bits, bool); everything else in the metadata).
 
         Never replaces an existing file unless ``overwrite`` (``FileExistsError`` naming it).
         """
@@ -346,8 +374,9 @@ class CharacterBank:
         tensors, index = {}, []
         for i, (key, tokens) in enumerate(sorted(self.entries.items())):
             tensors[f"{i}.h"] = tokens.hidden.detach().cpu().contiguous()
-            if tokens.scale is not None:
-                tensors[f"{i}.s"] = tokens.scale.detach().cpu().contiguous()
+            for suffix, t in (("s", tokens.scale), ("b", tokens.bits)):
+                if t is not None:
+                    tensors[f"{i}.{suffix}"] = t.detach().cpu().contiguous()
             index.append(list(key))
         meta = {"format": FORMAT, "version": str(VERSION), "name": self.name, "description": self.description,
                 "schedule": json.dumps(list(self.schedule)), "latent_hw": json.dumps(list(self.latent_hw)),
@@ -361,7 +390,8 @@ class CharacterBank:
 
         Raises ``BankFileError`` naming the file and what is wrong: unreadable/corrupt file, another format or
         version (version 1 files, from before banks kept hidden states, say how to re-record), a missing or
-        malformed metadata field, tensors that do not match the index or each other.
+        malformed metadata field, tensors that do not match the index or each other. A file without region bits
+        (``<i>.b``) is a bank recorded without subject masks.
         """
         from safetensors import SafetensorError, safe_open
 
@@ -384,10 +414,11 @@ class CharacterBank:
                                         f"supported (this pack reads version {VERSION})")
                 try:
                     fields = _metadata_fields(meta)
-                    fp8 = _check_tensors(f, fields["index"], fields["reference_count"], fields.pop("kind"))
+                    fp8, bits = _check_tensors(f, fields["index"], fields["reference_count"], fields.pop("kind"))
                 except ValueError as e:
                     raise BankFileError(f"{path.name}: invalid character bank: {e}") from e
-                entries = {key: Tokens(f.get_tensor(f"{i}.h"), f.get_tensor(f"{i}.s") if fp8 else None)
+                entries = {key: Tokens(*(f.get_tensor(f"{i}.{suffix}") if present else None
+                                         for suffix, present in (("h", True), ("s", fp8), ("b", bits))))
                            for i, key in enumerate(fields.pop("index"))}
         except (OSError, SafetensorError) as e:
             raise BankFileError(f"{path.name}: unreadable character bank ({type(e).__name__}: {e})") from e
@@ -454,11 +485,11 @@ def _metadata_fields(meta: dict) -> dict:
             "settings": settings, "index": keys, "kind": kind}
 
 
-def _check_tensors(f, index: list, refs: int, kind: str) -> bool:
+def _check_tensors(f, index: list, refs: int, kind: str) -> tuple[bool, bool]:
     """Check, from the file's header alone, that its tensors are exactly the index's entries (plus their
-    scales for fp8) and consistent: 2-D ``(R * M, C)`` with R = ``refs`` (a DiT bank: ``(2 * R * M, C)``, keys
-    then values), one shape per layer, one dtype throughout, scales ``(rows, 1)`` float32. Returns whether the
-    bank is fp8."""
+    scales for fp8, and region bits in every entry or none) and consistent: 2-D ``(R * M, C)`` with R = ``refs``
+    (a DiT bank: ``(2 * R * M, C)``, keys then values), one shape per layer, one dtype throughout, scales
+    ``(rows, 1)`` float32, bits ``(R * M,)`` bool. Returns whether the bank is fp8 and whether it has bits."""
     per_token = 2 if kind == "dit" else 1
     names = set(f.keys())
     hidden = [f"{i}.h" for i in range(len(index))]
@@ -468,7 +499,9 @@ def _check_tensors(f, index: list, refs: int, kind: str) -> bool:
     if len(dtypes) != 1 or not dtypes <= _STORED_DTYPES:
         raise ValueError(f"tensor dtypes {sorted(dtypes)}: expected one of {sorted(_STORED_DTYPES)} throughout")
     fp8 = dtypes == {"F8_E4M3"}
-    wanted = set(hidden) | ({f"{i}.s" for i in range(len(index))} if fp8 else set())
+    bits = any(name.endswith(".b") for name in names)
+    wanted = set(hidden) | {f"{i}.{suffix}" for i in range(len(index))
+                            for suffix, present in (("s", fp8), ("b", bits)) if present}
     if names != wanted:
         raise ValueError(f"tensors do not match the index: missing {sorted(wanted - names)[:4]}, unexpected "
                          f"{sorted(names - wanted)[:4]}")
@@ -487,7 +520,12 @@ def _check_tensors(f, index: list, refs: int, kind: str) -> bool:
             if scale.get_shape() != [shape[0], 1] or scale.get_dtype() != "F32":
                 raise ValueError(f"{where}: fp8 scales of shape {scale.get_shape()} ({scale.get_dtype()}), expected "
                                  f"[{shape[0]}, 1] (F32)")
-    return fp8
+        if bits:
+            flags = f.get_slice(f"{i}.b")
+            if flags.get_shape() != [shape[0] // per_token] or flags.get_dtype() != "BOOL":
+                raise ValueError(f"{where}: region bits of shape {flags.get_shape()} ({flags.get_dtype()}), "
+                                 f"expected [{shape[0] // per_token}] (BOOL)")
+    return fp8, bits
 
 
 def _clip(text: str, n: int = 60) -> str:

@@ -16,18 +16,20 @@ import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..errors import StoryDiffusionError
 from .bank import BankMismatchError, entry_bytes, schedule_key
-from .csa import SamplingPlan, make_plan, reference_tokens, tokens_per_source
+from .csa import Routing, SamplingPlan, make_plan, reference_tokens, region_visible, tokens_per_source
 from .frames import window_frames
 from .regions import MASK_RUN, routing
 
 CONTEXT = "storydiffusion_native"  # transformer_options key: the model call's Call
 RUN = "storydiffusion_native_run"  # transformer_options key: the sampling run's Run
 NODE = "SDN_ConsistentSelfAttention"
+READ_NODE = "SDN_ReadCharacterBanks"
 _BLOCK_IDS = {"input": 1, "middle": 2, "output": 3, "double": 4, "single": 5}
 _REFERENCE_DRAW = 0xBA4C  # separates the reference-token draw from the plan draws of the same step
 
@@ -99,37 +101,55 @@ class Level:
     routing: object = None
 
 
+class Masks(NamedTuple):
+    """A call's character masks (masks.MaskRun): ``soft`` float ``(images, characters, h, w)`` on the compute
+    device; ``named[image]``: the columns of the characters the image's panel names; ``threshold``; ``names``: the
+    story's characters (columns)."""
+
+    soft: torch.Tensor
+    named: tuple
+    threshold: float
+    names: tuple
+
+
 @dataclass(frozen=True)
 class Recording:
     """Write phase in one call: ``picks[tokens]``, flat indices ``(R * M,)`` into one chunk's ``R * tokens``
-    rows of hidden states; ``targets[layer]``: ``((chunk, (step, layer, half), Tokens), ...)``."""
+    rows of hidden states; ``targets[layer]``: ``((chunk, (step, layer, half), Tokens), ...)``; ``bits[tokens]``
+    (subject masks): bool ``(R * M,)``, whether each pick lies in the region of the references' character."""
 
     picks: dict
     targets: dict
     run: object  # bank.RecordingRun
+    bits: dict | None = None
 
 
 @dataclass(frozen=True)
 class ReadGroup:
     """Rows of one call that read ``extra`` bank tokens in one layer: one attention call. ``rows`` (a slice or a
     device index) lists them part by part; ``parts``: ``((slice into the group, ((bank, half), ...)), ...)``, the
-    rows reading the same bank tokens."""
+    rows reading the same bank tokens; ``slots`` (subject masks): per part, the bank each slot of its rows'
+    panel reads (the panel's characters in order), else None."""
 
     rows: slice | torch.Tensor
     count: int
     parts: tuple
     extra: int
+    slots: tuple | None = None
 
 
 @dataclass(frozen=True)
 class Reading:
     """Read phase in one call: ``tokens[(bank, layer, half)]``, this step's bank entries on the compute device;
     ``groups[layer]``: the call's rows grouped by how many bank tokens they read there; ``share``: rows also
-    share among themselves (CSA)."""
+    share among themselves (CSA); ``routes[layer]`` (subject masks, else None): per group, ``(visible, slot)``
+    with ``visible`` bool ``(rows, K, E + S)`` (which of the group's E bank tokens and S CSA tokens each slot of a
+    row sees, csa.slot_attention) and ``slot`` long ``(rows, N)`` (the slot each query reads)."""
 
     tokens: dict
     groups: dict
     share: bool
+    routes: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +198,7 @@ class Run:
         if spec.recorder is not None:
             self._need_schedule("recording a character bank")
             spec.recorder.check_size(*self.recording_size(halves))  # BankSizeError before anything is stored
-            self.recording = spec.recorder.start(self.key, self.latent_hw, batch, self.device)
+            self.recording = spec.recorder.start(self.key, self.latent_hw, batch, self.device, spec.masked)
         if spec.reader is not None:
             self._need_schedule("reading character banks")
             for bank in spec.reader.banks:
@@ -191,8 +211,11 @@ class Run:
         every step whose sigma is in the active range, every layer sharing at that step (:meth:`_sharing`: rate >
         0, the schedule's gates), each of the ``halves`` CFG halves sampled (1 at cfg 1): R references x M =
         round(rate x N) tokens x ``layer.kv`` (1: UNet hidden states, 2: DiT keys and values) rows of C channels
-        in the storage dtype (fp8: + 4 B a row). Equal to the recorded bytes when every step calls the model."""
+        in the storage dtype (fp8: + 4 B a row; subject masks: + 1 B of region bit a token). Equal to the recorded
+        bytes when every step calls the model (with masks derived from attention, step 0 records nothing: less).
+        """
         dtype, total, terms = self.spec.recorder.storage_dtype, 0, {}
+        masked = self.spec.masked
         for step, sigma in enumerate(self.schedule[:-1]):
             for name in self._sharing(step, sigma):
                 layer = self.spec.layers[name]
@@ -200,8 +223,10 @@ class Run:
                 m = tokens_per_source(tokens, self.spec.settings.rate_for(layer.factor))
                 key = (tokens, m, layer.kv, layer.channels)
                 terms[key] = terms.get(key, 0) + halves
-                total += halves * entry_bytes(layer.kv * self.batch * m, layer.channels, dtype)
+                total += halves * entry_bytes(layer.kv * self.batch * m, layer.channels, dtype,
+                                              self.batch * m if masked else 0)
         scales = " + 4 B of fp8 scale a row" if dtype == torch.float8_e4m3fn else ""
+        scales += " + 1 B of region bit a token" if masked else ""
         formula = " + ".join(
             f"{count} (step, layer, CFG half) x {self.batch} reference(s) x {m} of {tokens} tokens"
             f"{' x 2 (keys, values)' if kv == 2 else ''} x {c} channels" for (tokens, m, kv, c), count in terms.items())
@@ -257,34 +282,41 @@ class Run:
         latent_hw = tuple(x.shape[-2:])
         sharing = self._cached(step_key, ("sharing", s is not None and s.sigma_end <= sigma <= s.sigma_start),
                                lambda: self._sharing(step, sigma))
-        masks = self._masks(options, step_key, images, frames) if s is not None and s.subject_masks else None
-        if masks is False:  # subject masks before the first masks exist: nothing is shared yet
+        masks = self._masks(options, step_key, images, frames) if spec.masked else None
+        if masks is False:  # subject masks before the first masks exist: nothing is shared or read yet
             sharing = frozenset()
         levels = self._levels(step_key, images, frames, latent_hw, sharing, masks) if images > 1 else {}
-        record = self._record(step, step_key, images, chunks, frames, latent_hw, sharing) \
+        record = self._record(step, step_key, images, chunks, frames, latent_hw, sharing, masks) \
             if self.recording is not None and sharing else None
-        read = self._read(step, images, chunks, frames) if spec.reader is not None else None
+        read = self._read(step, step_key, images, chunks, frames, latent_hw, levels, sharing, masks) \
+            if spec.reader is not None and masks is not False else None
         return Call(rows, images, chunks, step, frames, latent_hw, levels, sharing, record, read, text, joint,
                     None if joint is None else itertools.count())
 
-    def _masks(self, options: dict, step_key, images: int, frames):
-        """``(soft masks (images, characters, h, w), named columns per image, threshold)`` for subject-masked CSA, False while
-        none exist yet (the run's first step). StoryDiffusionError without SDN_CharacterMasks' model, for context
-        windows and for a batch that is not the masks' story."""
+    def _masks(self, options: dict, step_key, images: int, frames) -> Masks | bool:
+        """The call's :class:`Masks` for subject masks (CSA, writing or reading banks), False while none exist yet
+        (the run's first step). StoryDiffusionError (naming the node whose subject_masks input is on) without
+        SDN_CharacterMasks' model, for context windows and for a batch that is not the masks' story."""
+        node = NODE if self.spec.settings is not None and self.spec.settings.subject_masks else READ_NODE
         mask_run = options.get(MASK_RUN)
         if mask_run is None:
-            raise StoryDiffusionError(f"{NODE}: input 'subject_masks': needs the model from SDN_CharacterMasks "
+            raise StoryDiffusionError(f"{node}: input 'subject_masks': needs the model from SDN_CharacterMasks "
                                       f"(apply Character Masks to the model before or after this node)")
         if frames is not None:
-            raise StoryDiffusionError(f"{NODE}: subject masks do not support context windows: sample the panels in "
+            raise StoryDiffusionError(f"{node}: subject masks do not support context windows: sample the panels in "
                                       f"one batch")
         soft = mask_run.before(step_key)
         if soft is None:
             return False
         if soft.shape[0] != images:
-            raise StoryDiffusionError(f"{NODE}: the character masks are for {soft.shape[0]} panels but the model "
+            raise StoryDiffusionError(f"{node}: the character masks are for {soft.shape[0]} panels but the model "
                                       f"call has {images} images: use the story's panel_count as the batch size")
-        return soft, mask_run.named(), mask_run.recorder.threshold
+        return Masks(soft, mask_run.named(), mask_run.recorder.threshold, mask_run.recorder.names)
+
+    def _routing(self, step_key, latent_hw: tuple, factor: int, masks: Masks) -> Routing:
+        """The call's routing (regions.routing) at the level of ``factor``, built once per step and level."""
+        hw = self.spec.level_hw(latent_hw, factor)
+        return self._cached(step_key, ("routing", hw), lambda: routing(masks.soft, masks.named, hw, masks.threshold))
 
     def _levels(self, step_key, images, frames, latent_hw, sharing, masks=None) -> dict:
         s, spec = self.spec.settings, self.spec
@@ -302,8 +334,7 @@ class Run:
             def build():
                 plan = plan_for(s.seed, step_key, tokens, images, rate, refs, s.tile_size).to(self.device)
                 if masks is not None:
-                    return Level(tokens, plan, routing=routing(masks[0], masks[1], spec.level_hw(latent_hw, factor),
-                                                               masks[2]))
+                    return Level(tokens, plan, routing=self._routing(step_key, latent_hw, factor, masks))
                 if order is None:
                     return Level(tokens, plan)
                 perm = torch.tensor(order)
@@ -311,18 +342,23 @@ class Run:
             levels[factor] = self._cached(step_key, ("level", tokens, images, rate, refs, order), build)
         return levels
 
-    def _record(self, step, step_key, images, chunks, frames, latent_hw, sharing) -> Recording:
+    def _record(self, step, step_key, images, chunks, frames, latent_hw, sharing, masks=None) -> Recording:
         if frames is not None:
             raise BankMismatchError("recording a character bank does not support context windows: sample the "
                                     "reference images in one batch")
         s, spec = self.spec.settings, self.spec
-        layers, picks = [], {}
+        layers, picks, bits = [], {}, None
+        if masks is not None:
+            subject = self._subject(masks)
+            self.recording.subject, bits = masks.names[subject], {}
         for name in sorted(sharing):
             layer = spec.layers[name]
             tokens, rate = spec.tokens(latent_hw, layer.factor), s.rate_for(layer.factor)
             layers.append((name, layer.kv * images * tokens_per_source(tokens, rate), layer.channels))
             picks[tokens] = self._cached(step_key, ("picks", tokens, images, rate), lambda: reference_draw(
                 s.seed, step_key, tokens, images, rate).to(self.device, non_blocking=True))
+            if bits is not None and tokens not in bits:  # the picks in the references' character region, as CSA routes
+                bits[tokens] = self._routing(step_key, latent_hw, layer.factor, masks).member[picks[tokens], subject]
         targets, seen = {}, set()
         for g, half in enumerate(chunks):
             if half in seen:  # several positive entries: the first one's tokens represent the half
@@ -330,17 +366,30 @@ class Run:
             seen.add(half)
             for name, dest in self.recording.targets(step, half, tuple(layers)).items():
                 targets.setdefault(name, []).append((g, (step, name, half), dest))
-        return Recording(picks, targets, self.recording)
+        return Recording(picks, targets, self.recording, bits)
 
-    def _read(self, step, images, chunks, frames) -> Reading:
+    @staticmethod
+    def _subject(masks: Masks) -> int:
+        """The column of the one character every reference panel names (a bank is one character's); else
+        StoryDiffusionError."""
+        columns = {cols[0] for cols in masks.named if len(cols) == 1}
+        if len(columns) != 1 or any(len(cols) != 1 for cols in masks.named):
+            named = [[masks.names[c] for c in cols] for cols in masks.named]
+            raise StoryDiffusionError(f"SDN_RecordCharacterBank: with subject masks every reference panel must name "
+                                      f"the bank's one character; the reference panels name {named}")
+        return columns.pop()
+
+    def _read(self, step, step_key, images, chunks, frames, latent_hw, levels, sharing, masks=None) -> Reading:
         reader, spec = self.spec.reader, self.spec
-        sets = [reader.banks_for(a) for a in (frames or range(images))]
+        slots = None if masks is None else self._cached(step_key, ("slot banks",), lambda: self._slot_banks(masks))
+        sets = slots or [reader.banks_for(a) for a in (frames or range(images))]
         tokens = {}
         for j in sorted(set().union(*sets)):
             for (layer, half), entry in self._cached(step, ("bank", j), lambda: {
                     key: t.to(self.device) for key, t in reader.banks[j].steps.get(step, {}).items()}).items():
                 tokens[(j, layer, half)] = entry
-        groups, memo = {}, {}
+        groups, routes, memo = {}, {}, {}
+        tags = None if slots is None else tuple(slots[i] for _ in chunks for i in range(images))
         for name, layer in spec.layers.items():
             if layer.reader is None:
                 continue
@@ -349,25 +398,78 @@ class Run:
             size = {k: tokens[(k[0], name, k[1])].hidden.shape[0] for row in keys for k in row}
             memo_key = (keys, tuple(sorted(size.items())))
             if memo_key not in memo:  # layers of one level read alike: group once
-                memo[memo_key] = self._groups(step, keys, size)
+                memo[memo_key] = self._groups(step, keys, size, tags)
             groups[name] = memo[memo_key]
-        return Reading(tokens, groups, reader.share)
+            if masks is not None:
+                level = levels.get(layer.factor) if reader.share and name in sharing else None
+                routes[name] = self._routes(step_key, name, groups[name], tokens, len(chunks),
+                                            self._routing(step_key, latent_hw, layer.factor, masks), level)
+        return Reading(tokens, groups, reader.share, routes if masks is not None else None)
 
-    def _groups(self, step, keys: tuple, size: dict) -> tuple:
-        """Rows by number of bank tokens (one attention call each), each group's rows ordered part by part."""
+    def _slot_banks(self, masks: Masks) -> tuple:
+        """Per image, the bank each slot reads: the bank of the panel's k-th character (by name, among the banks the
+        reader routes to the image). BankMismatchError when the masks' story names a character the image reads no
+        bank of."""
+        reader, out = self.spec.reader, []
+        for image, cols in enumerate(masks.named):
+            allowed = reader.banks_for(image)
+            by_name = {reader.banks[j].name: j for j in reversed(allowed)}
+            missing = [masks.names[c] for c in cols if masks.names[c] not in by_name]
+            if missing:
+                raise BankMismatchError(
+                    f"{READ_NODE}: panel {image + 1} names {missing} in SDN_CharacterMasks' story but reads no bank of "
+                    f"them (it reads {[reader.banks[j].name for j in allowed]}): connect the same story to both "
+                    f"nodes and a bank for every character")
+            out.append(tuple(by_name[masks.names[c]] for c in cols))
+        return tuple(out)
+
+    def _routes(self, step_key, name: str, groups: tuple, tokens: dict, chunks: int, route: Routing,
+                level: Level | None) -> tuple:
+        """Subject-masked reading of layer ``name``: per group ``(visible (rows, K, E + S), slot (rows, N))``
+        (:class:`Reading`). Slot k of a row sees the tokens of its k-th bank whose region bit is set and, sharing,
+        the CSA tokens of the batch inside its character's region (csa.region_visible)."""
+        k = route.slots.shape[1]
+        slot = self._cached(step_key, ("query slots", route.query_slot.shape[1], chunks),
+                            lambda: route.query_slot.repeat(chunks, 1))
+        shared = None if level is None else self._cached(
+            step_key, ("shared visible", level.tokens, chunks),
+            lambda: region_visible(route, level.plan.all_idx, slice(None)).repeat(chunks, 1, 1))
+        out = []
+        for group in groups:
+            parts = []
+            for (span, row_keys), banks in zip(group.parts, group.slots):
+                visible = torch.zeros(k, group.extra, dtype=torch.bool, device=self.device)
+                at = 0
+                for j, half in row_keys:  # the part's bank tokens, bank by bank: visible to that bank's slot
+                    bits = tokens[(j, name, half)].bits
+                    if j in banks:
+                        visible[banks.index(j), at:at + bits.shape[0]] = bits
+                    at += bits.shape[0]
+                parts.append(visible.expand(span.stop - span.start, -1, -1))
+            visible = torch.cat(parts)
+            if shared is not None:
+                visible = torch.cat((visible, shared[group.rows]), 2)
+            out.append((visible, slot[group.rows]))
+        return tuple(out)
+
+    def _groups(self, step, keys: tuple, size: dict, tags: tuple | None = None) -> tuple:
+        """Rows by number of bank tokens (one attention call each), each group's rows ordered part by part; a part
+        holds the rows reading the same bank tokens (and, with ``tags``, per row the bank of each slot, the same
+        slots)."""
         parts: dict = {}
         for row, row_keys in enumerate(keys):
-            parts.setdefault(row_keys, []).append(row)
+            parts.setdefault((row_keys, None if tags is None else tags[row]), []).append(row)
         by_extra: dict = {}
-        for row_keys, rows in parts.items():
-            by_extra.setdefault(sum(size[k] for k in row_keys), []).append((row_keys, rows))
+        for (row_keys, tag), rows in parts.items():
+            by_extra.setdefault(sum(size[k] for k in row_keys), []).append((row_keys, tag, rows))
         groups = []
         for extra, members in sorted(by_extra.items()):
             order, spans = [], []
-            for row_keys, rows in members:
+            for row_keys, _, rows in members:
                 spans.append((slice(len(order), len(order) + len(rows)), row_keys))
                 order += rows
-            groups.append(ReadGroup(self._rows(step, tuple(order)), len(order), tuple(spans), extra))
+            slots = None if tags is None else tuple(tag for _, tag, _ in members)
+            groups.append(ReadGroup(self._rows(step, tuple(order)), len(order), tuple(spans), extra, slots))
         return tuple(groups)
 
     def _rows(self, step, order: tuple):
@@ -376,4 +478,4 @@ class Run:
         return self._cached(step, ("rows", order), lambda: torch.tensor(order).to(self.device, non_blocking=True))
 
 
-__all__ = ["CONTEXT", "RUN", "Call", "Level", "Run", "plan_for", "reference_draw", "gate_open", "level_tokens"]
+__all__ = ["CONTEXT", "RUN", "Call", "Level", "Masks", "Run", "plan_for", "reference_draw", "gate_open", "level_tokens"]

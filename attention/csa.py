@@ -208,8 +208,8 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             def attend(seen):
                 if seen is None:
                     return attention_fn(qs, kk[:, :n], vv[:, :n], heads, **attn_kwargs)
-                return attention_fn(qs, kk, vv, heads, mask=restrict(None, seen, q.dtype), **attn_kwargs)
-            out = routed_attention(attend, keys[:, n:], n, routing, sl, g)
+                return attention_fn(qs, kk, vv, heads, mask=restrict(None, n, seen, q.dtype), **attn_kwargs)
+            out = routed_attention(attend, keys[:, n:], routing, sl, g)
         return out.reshape(g, -1, n, c)
 
     if r == 0:
@@ -219,45 +219,58 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.reshape(rows, n, c)
 
 
-def routed_attention(attend: Callable[[torch.Tensor | None], torch.Tensor], extra: torch.Tensor, own: int,
-                     routing: Routing, images: slice, chunks: int, token_dim: int = 1) -> torch.Tensor:
+def routed_attention(attend: Callable[[torch.Tensor | None], torch.Tensor], extra: torch.Tensor, routing: Routing,
+                     images: slice, chunks: int, token_dim: int = 1) -> torch.Tensor:
     """Subject-masked attention of the T images ``images`` of a group, for ``chunks`` chunks G (rows ``chunk * T +
-    image``): one attention call per slot, with a KEY mask (no per-query mask): the ``own`` keys of the row always
-    visible, each of its extra keys (``extra`` ``(T, E)``, flat indices into the group's image tokens, as the plan's)
-    visible when it lies in the slot character's region; every query then takes its slot's result, and with K >= 2
-    slots one more call over the own keys alone serves the queries in no region.
+    image``): :func:`slot_attention` with the extra keys ``extra`` ``(T, E)`` (flat indices into the group's image
+    tokens, as the plan's) visible to a slot where they lie in its character's region (:func:`region_visible`).
+    ``attend`` as in :func:`slot_attention`, over the G * T rows."""
+    visible = region_visible(routing, extra, images).repeat(chunks, 1, 1)
+    return slot_attention(attend, visible, routing.query_slot[images].repeat(chunks, 1), token_dim)
 
-    ``attend(seen)`` runs the T images' queries over their own keys then their extra keys, ``seen`` bool ``(G * T,
-    own + E)`` telling which keys each row may see, or over the own keys alone when ``seen`` is None; its result has
-    the queries (the routing's N tokens) on ``token_dim``. Returns the picked result, shaped as ``attend``'s.
+
+def region_visible(routing: Routing, extra: torch.Tensor, images: slice) -> torch.Tensor:
+    """bool ``(T, K, E)``: extra token e (``extra`` ``(T, E)``, flat indices into the group's tokens) of image
+    ``images[t]`` lies in the region of the character of its slot k (False for padding slots)."""
+    slots = routing.slots[images]  # (T, K)
+    inside = routing.member[extra].gather(2, slots.clamp_min(0)[:, None].expand(-1, extra.shape[1], -1))
+    return (inside & (slots >= 0)[:, None]).transpose(1, 2)
+
+
+def slot_attention(attend: Callable[[torch.Tensor | None], torch.Tensor], visible: torch.Tensor,
+                   query_slot: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
+    """Attention where each query reads its row's own keys and the extra keys of its slot (subject masks, issue 10).
+
+    ``attend(seen)`` runs the R rows' queries over their own keys then their E extra keys, ``seen`` bool ``(R, E)``
+    telling which extra keys each row may see (its own keys always visible: use :func:`restrict`), or over the
+    own keys alone when ``seen`` is None; its result has the N queries on ``token_dim``. ``visible`` bool ``(R, K,
+    E)``: extra key e is visible to slot k of row r; ``query_slot`` long ``(R, N)``: the slot each query reads, -1
+    for none (its own keys only). One call per slot with a KEY mask (no per-query mask, no row fully masked),
+    each query taking its slot's result; with K >= 2 slots one more call over the own keys serves the queries of
+    no slot. Returns what ``attend`` returns.
     """
-    inside = routing.member[extra]  # (T, E, C)
-    slots, query_slot = routing.slots[images], routing.query_slot[images]
-    visible = torch.ones(extra.shape[0], own, dtype=torch.bool, device=extra.device)
     out = None
-    for s in range(slots.shape[1]):
-        char = slots[:, s]
-        seen = inside.gather(2, char.clamp_min(0)[:, None, None].expand(-1, inside.shape[1], 1))[..., 0]
-        res = attend(torch.cat((visible, seen & (char >= 0)[:, None]), 1).repeat(chunks, 1))
-        out = res if out is None else torch.where(_per_query(query_slot == s, chunks, res, token_dim), res, out)
-    if slots.shape[1] > 1:
+    for s in range(visible.shape[1]):
+        res = attend(visible[:, s])
+        out = res if out is None else torch.where(_per_query(query_slot == s, res, token_dim), res, out)
+    if visible.shape[1] > 1:
         res = attend(None)
-        out = torch.where(_per_query(query_slot < 0, chunks, res, token_dim), res, out)
+        out = torch.where(_per_query(query_slot < 0, res, token_dim), res, out)
     return out
 
 
-def _per_query(pick: torch.Tensor, chunks: int, like: torch.Tensor, token_dim: int) -> torch.Tensor:
-    """``pick`` bool ``(T, N)`` repeated over the chunks and shaped to broadcast over ``like``'s queries on
-    ``token_dim``."""
+def _per_query(pick: torch.Tensor, like: torch.Tensor, token_dim: int) -> torch.Tensor:
+    """``pick`` bool ``(R, N)`` shaped to broadcast over ``like``'s rows and its queries on ``token_dim``."""
     shape = [1] * like.ndim
-    shape[0], shape[token_dim] = chunks * pick.shape[0], pick.shape[1]
-    return pick.repeat(chunks, 1).reshape(shape)
+    shape[0], shape[token_dim] = pick.shape
+    return pick.reshape(shape)
 
 
-def restrict(mask: torch.Tensor | None, seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An attention mask hiding the keys where ``seen`` bool ``(rows, K)`` is False: additive ``[rows, 1, 1, K]`` of
-    ``dtype`` (0 or -inf) without ``mask``, else the 4-D ``mask`` over those K keys (:func:`joint_mask`, additive or
-    boolean) with them hidden as well."""
+def restrict(mask: torch.Tensor | None, own: int, seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask over ``own`` + E keys: the own keys visible, extra key e where ``seen`` bool ``(rows, E)``
+    holds. Additive ``[rows, 1, 1, own + E]`` of ``dtype`` (0 or -inf) without ``mask``, else the 4-D ``mask`` over
+    those keys (:func:`joint_mask`, additive or boolean) with the unseen ones hidden as well."""
+    seen = torch.cat((torch.ones(seen.shape[0], own, dtype=torch.bool, device=seen.device), seen), 1)
     hidden = ~seen[:, None, None]
     if mask is None:
         return torch.zeros(hidden.shape, dtype=dtype, device=seen.device).masked_fill_(hidden, float("-inf"))
@@ -341,8 +354,8 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 if seen is None:  # the own row alone, under the model's mask
                     own = None if part_mask is None else part_mask[..., :n]
                     return attention_fn(qq, kk[:, :, :n], vv[:, :, :n], own)
-                return attention_fn(qq, kk, vv, restrict(part_mask, seen, q.dtype))
-            res = routed_attention(attend, idx, n, routing, images, g, token_dim)
+                return attention_fn(qq, kk, vv, restrict(part_mask, n, seen, q.dtype))
+            res = routed_attention(attend, idx, routing, images, g, token_dim)
         out = joint_output(res, rows, n, token_dim) if out is None else out
         out.reshape(g, b, *out.shape[1:])[:, images].narrow(token_dim + 1, s, e - s).copy_(
             res.reshape(g, count, *res.shape[1:]))

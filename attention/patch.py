@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .bank import BankMismatchError, BankRecorder, layer_name
-from .context import CONTEXT, NODE, RUN, Run, level_tokens
+from .context import CONTEXT, NODE, READ_NODE, RUN, Run, level_tokens
 from .dit import DIT_BLOCK_CHOICES, Family, JointAttention, dit_family, dit_layers, joint_width, set_override
 from .regions import level_hw
 from .roles import RecordPatch, SelfAttention
@@ -150,12 +150,16 @@ class BankReader:
 
     banks: the character banks. routing: per absolute image index of the read batch, the indices of the banks
     that image reads (None: every image reads every bank). share: images of a read batch also share among
-    themselves with CSA (the model's CSA settings).
+    themselves with CSA (the model's CSA settings). subject_masks: route by character regions (needs
+    SDN_CharacterMasks' model and banks recorded with subject masks): slot k of a panel (its k-th character, by
+    name) sees the tokens of that character's bank whose region bit is set and, sharing, the batch's CSA tokens
+    inside that character's regions; a query in no region of a multi-character panel sees its own image only.
     """
 
     banks: tuple
     routing: tuple | None = None
     share: bool = False
+    subject_masks: bool = False
 
     def __deepcopy__(self, memo):
         return self
@@ -189,6 +193,12 @@ class StoryAttention:
 
     def __deepcopy__(self, memo):
         return self
+
+    @property
+    def masked(self) -> bool:
+        """Subject masks route this model's sharing, recording and reading (CSA's or the reader's subject_masks)."""
+        return bool(self.settings is not None and self.settings.subject_masks
+                    or self.reader is not None and self.reader.subject_masks)
 
     def tokens(self, latent_hw: tuple, factor: int) -> int:
         """Image tokens of the model's layers at ``factor`` for a latent of ``latent_hw``."""
@@ -327,20 +337,26 @@ def apply_recording(model_patcher, recorder: BankRecorder):
     return m
 
 
-def apply_reading(model_patcher, reader: BankReader, node: str = "SDN_ReadCharacterBanks"):
+def apply_reading(model_patcher, reader: BankReader, node: str = READ_NODE):
     """Clone a model so the layers (UNet) or blocks (DiT) recorded in the banks read them (read phase).
 
     CSA layers already on the model keep their settings (the read batch shares with them when
-    ``reader.share``); other recorded layers only read. Raises UnsupportedModelError (see
-    :func:`attention_blocks`) and BankMismatchError when a bank holds a layer the model does not have or was
-    recorded on the other kind of model (a DiT bank on a UNet or the reverse).
+    ``reader.share``); other recorded layers only read. Subject masks are on when ``reader.subject_masks`` or the
+    model's CSA ``subject_masks`` is. Raises UnsupportedModelError (see :func:`attention_blocks`; subject masks on a
+    DiT or over another attn1 replace) and BankMismatchError when a bank holds a layer the model does not have,
+    was recorded on the other kind of model (a DiT bank on a UNet or the reverse), or was recorded without subject
+    masks while they are on.
     """
     family = dit_family(model_patcher, node)
     _check_kind(reader, family, node)
+    spec = _story_attention(model_patcher)
+    settings = spec.settings if spec is not None else None
+    masked = reader.subject_masks or settings is not None and settings.subject_masks
+    if masked:
+        _check_masked(reader, family, node)
     if family is not None:
         return _apply_dit_reading(model_patcher, family, reader, node)
     blocks = _self_attention(model_patcher, node)
-    spec = _story_attention(model_patcher)
     m = model_patcher.clone()
     existing = _attn1_replaces(m)
     layers = dict(spec.layers) if spec is not None else {}
@@ -356,8 +372,25 @@ def apply_reading(model_patcher, reader: BankReader, node: str = "SDN_ReadCharac
             layer = SelfAttention(key, blocks[key][0], blocks[key][1], previous, shares=False)
         layers[name] = layer.reading(reader)
         m.set_model_attn1_replace(layers[name], *key)
-    _install(m, StoryAttention(spec.settings if spec is not None else None, layers, reader=reader))
+    if masked and any(layer.previous is not None for layer in layers.values()):
+        raise UnsupportedModelError(f"{node}: input 'subject_masks': a layer of this model already has another attn1 "
+                                    f"replace patch, which cannot take the subject masks' key mask")
+    _install(m, StoryAttention(settings, layers, reader=reader))
     return m
+
+
+def _check_masked(reader: BankReader, family: Family | None, node: str) -> None:
+    """Subject-masked reading: a UNet, and banks recorded with subject masks (their tokens' region bits)."""
+    if family is not None:
+        raise UnsupportedModelError(f"{node}: input 'subject_masks': reading banks with subject masks is not "
+                                    f"supported on {family.name} yet")
+    for bank in reader.banks:
+        if not bank.masked:
+            raise BankMismatchError(
+                f"{node}: input 'subject_masks': character bank '{bank.name}' was recorded without subject masks "
+                f"(its tokens carry no character regions). Re-record it with SDN_ConsistentSelfAttention's "
+                f"subject_masks on and SDN_CharacterMasks' model (its reference panels naming only that character), "
+                f"or read it with subject_masks off (on the read node and on the model's Consistent Self-Attention)")
 
 
 def _apply_dit_reading(model_patcher, family: Family, reader: BankReader, node: str):

@@ -6,7 +6,8 @@
 - :func:`record` (the reference app's write phase): keep the hidden states of the sampled reference tokens,
   before the layer projects them.
 - :func:`read` (its read phase): each panel attends to its own tokens plus its characters' recorded tokens,
-  projected by this layer's own to_k/to_v, and, when the batch shares, plus S_i.
+  projected by this layer's own to_k/to_v, and, when the batch shares, plus S_i; with subject masks each query
+  sees only the tokens of its character's region (issue 10).
 
 None of them reads anything back from the device: every decision was taken when the call's context was built.
 """
@@ -17,7 +18,7 @@ import torch
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .bank import layer_name
 from .context import CONTEXT, NODE, Call, Level
-from .csa import consistent_self_attention, gather_tokens
+from .csa import consistent_self_attention, gather_tokens, restrict, slot_attention
 
 
 def _attention(previous, extra_options):
@@ -63,7 +64,8 @@ def share(q, k, v, ctx: Call, layer, attend):
 
 def record(n: torch.Tensor, ctx: Call, name: str) -> None:
     """Write phase: keep layer ``name``'s hidden states ``n`` ``[rows, tokens, C]`` of the sampled reference
-    tokens (the call's images are the references), per CFG half, into this step's bank entries."""
+    tokens (the call's images are the references), per CFG half, into this step's bank entries (with subject
+    masks, with the tokens' region bits)."""
     targets = ctx.record.targets.get(name)
     if not targets:
         return
@@ -72,8 +74,9 @@ def record(n: torch.Tensor, ctx: Call, name: str) -> None:
         raise UnsupportedModelError(f"{NODE}: self-attention layer {name} has {n.shape[1]} tokens, which no level "
                                     f"of a {ctx.latent_hw[0]}x{ctx.latent_hw[1]} latent has: an unknown UNet layout")
     chosen = n.reshape(len(ctx.chunks), -1, n.shape[2])[:, picks]  # (chunks, references * M, C)
+    bits = None if ctx.record.bits is None else ctx.record.bits[n.shape[1]]
     for chunk, key, dest in targets:
-        ctx.record.run.write(key, dest, chosen[chunk])
+        ctx.record.run.write(key, dest, chosen[chunk], bits)
 
 
 def read(q, k, v, ctx: Call, layer, attend):
@@ -82,7 +85,9 @@ def read(q, k, v, ctx: Call, layer, attend):
 
     Bank tokens are projected once per (bank set, half) by this layer's own to_k/to_v (ComfyUI's ops: LoRAs and
     low-VRAM casting apply) and broadcast over the panels that read them; one attention call per group of
-    panels reading the same number of tokens.
+    panels reading the same number of tokens. With subject masks (``reading.routes``), one call per slot with a
+    key mask instead (csa.slot_attention): a query of slot k sees its own tokens, the tokens of its k-th
+    character's bank inside that character's region, and the CSA tokens inside its region.
     """
     reading = ctx.read
     shared_k = shared_v = None
@@ -92,17 +97,32 @@ def read(q, k, v, ctx: Call, layer, attend):
         shared_k, shared_v = (gather_tokens(t.reshape(-1, ctx.images, *t.shape[1:]), level.plan.all_idx)
                               for t in (k, v))
     groups = reading.groups[layer.name]
+    routes = None if reading.routes is None else reading.routes[layer.name]
     whole = len(groups) == 1 and isinstance(groups[0].rows, slice) and groups[0].count == ctx.rows
     out = None if whole else torch.empty_like(q)
-    for group in groups:
+    for g, group in enumerate(groups):
         banks = [(span, _project(reading, keys, layer, q.dtype)) for span, keys in group.parts if keys]
         kk = _keys(k, group, [(span, p[0]) for span, p in banks], shared_k)
         vv = _keys(v, group, [(span, p[1]) for span, p in banks], shared_v)
-        result = attend(q[group.rows], kk, vv)
+        if routes is None or kk.shape[1] == q.shape[1]:
+            result = attend(q[group.rows], kk, vv)
+        else:
+            result = slot_attention(_slot_attend(q[group.rows], kk, vv, attend), *routes[g])
         if whole:
             return result
         out[group.rows] = result
     return out
+
+
+def _slot_attend(q, k, v, attend):
+    """csa.slot_attention's ``attend(seen)`` for rows ``q`` over keys ``k``/``v`` (their own tokens, then extras)."""
+    n = q.shape[1]
+
+    def run(seen):
+        if seen is None:
+            return attend(q, k[:, :n], v[:, :n])
+        return attend(q, k, v, mask=restrict(None, n, seen, q.dtype))
+    return run
 
 
 def _project(reading, keys: tuple, layer, dtype) -> tuple:

@@ -91,6 +91,10 @@ class CharacterBankNode(io.ComfyNode):
                 raise NodeInputError(node, "name", f"one of the story's characters {list(story.characters)}",
                                      got=repr(name))
             description = description or story.characters[name]
+        if recorder.subject is not None and name != recorder.subject:
+            raise NodeInputError(node, "name", f"{recorder.subject!r}, the character the reference panels name (the "
+                                 "bank was recorded with subject masks: its tokens carry that character's regions)",
+                                 got=repr(name))
         if not recorder.entries:
             raise NodeInputError(node, "samples", (
                 "samples drawn with the recording model of SDN_RecordCharacterBank (nothing was recorded: "
@@ -188,12 +192,20 @@ class ReadCharacterBanks(io.ComfyNode):
                 io.Boolean.Input("share_within_batch", default=False, tooltip=(
                     "Panels of one batch also share among themselves with Consistent Self-Attention "
                     "(needs a CSA-patched model).")),
+                io.Boolean.Input("subject_masks", default=False, optional=True, tooltip=(
+                    "Read only the character: a panel's tokens inside a character's region attend to that "
+                    "character's bank tokens that lay inside its region in the reference panels (and, sharing, to "
+                    "the batch's tokens inside its regions); a two-character panel keeps the characters apart, "
+                    "its background reads no bank. Needs the model from Character Masks (story = these panels) "
+                    "and banks recorded with subject masks. Also on when the model's Consistent Self-Attention "
+                    "has subject_masks on. UNets only.")),
             ],
             outputs=[io.Model.Output(display_name="bank-reading model", tooltip="Sample the panels with this model (same steps, scheduler and size as "
                                              "the recording).")])
 
     @classmethod
-    def execute(cls, model, bank, share_within_batch, bank_2=None, bank_3=None, bank_4=None, story=None):
+    def execute(cls, model, bank, share_within_batch, bank_2=None, bank_3=None, bank_4=None, story=None,
+                subject_masks=False):
         node = "SDN_ReadCharacterBanks"
         connected = [(label, b) for label, b in zip(("bank", "bank_2", "bank_3", "bank_4"),
                                                      (bank, bank_2, bank_3, bank_4)) if b is not None]
@@ -224,7 +236,7 @@ class ReadCharacterBanks(io.ComfyNode):
                                          f"(connected: {names})", got=f"story line {panel.line} names {missing}")
                 routing.append(tuple(names.index(c) for c in panel.characters))
             routing = tuple(routing)
-        return io.NodeOutput(apply_reading(model, BankReader(banks, routing, share_within_batch)))
+        return io.NodeOutput(apply_reading(model, BankReader(banks, routing, share_within_batch, subject_masks)))
 
 
 NODES = [RecordCharacterBank, CharacterBankNode, SaveCharacterBank, LoadCharacterBank, ReadCharacterBanks]

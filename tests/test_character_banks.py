@@ -36,7 +36,7 @@ def attn1(model, layer):
 
 def projected(model, bank, key):
     """Keys and values (fp32) of a bank entry: its hidden states (dequantised) through the layer's to_k/to_v."""
-    hidden, scale = bank.entries[key]
+    hidden, scale = bank.entries[key][:2]
     hidden = hidden.float() if scale is None else hidden.float() * scale
     module = attn1(model, key[1])
     return module.to_k(hidden), module.to_v(hidden)

@@ -238,6 +238,67 @@ def test_bank_tensors_must_match_their_metadata(host, bank_folder, good_bank, ca
     refused(host, "SDN_LoadCharacterBank", "bank_name", name, BANK_TENSOR_CASES[case])
 
 
+def masked_entries():
+    """bank_entries() with region bits (recorded with subject masks): one bool a row."""
+    g = torch.Generator().manual_seed(1)
+    return {key: (h, s, torch.rand(h.shape[0], generator=g) > 0.5) for key, (h, s) in bank_entries().items()}
+
+
+@pytest.fixture(scope="module")
+def masked_bank(bank_mod, tmp_path_factory):
+    """(metadata, tensors) of a valid bank file recorded with subject masks (tensors ``<i>.b``)."""
+    from safetensors import safe_open
+
+    bank = bank_mod.CharacterBank("Mira", "", masked_entries(), (14.6, 2.0, 0.0), (8, 8), "f" * 32, 2, {})
+    path = bank.save(tmp_path_factory.mktemp("banks") / "masked.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+BITS_CASES = {  # damage to the region bits: (tensors -> tensors, fragment of the message)
+    "bits_missing_on_one_entry": (lambda t: t.pop("1.b"), "missing"),
+    "bits_as_bytes": (lambda t: t.update({"0.b": t["0.b"].to(torch.uint8)}), "region bits"),
+    "bits_one_short": (lambda t: t.update({"0.b": t["0.b"][:-1].contiguous()}), "region bits"),
+    "bits_two_dimensional": (lambda t: t.update({"0.b": t["0.b"][:, None].contiguous()}), "region bits"),
+    "bits_claiming_more": (lambda t: t.update({"0.b": torch.ones(10 ** 5, dtype=torch.bool)}), "region bits"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BITS_CASES))
+def test_bank_region_bits_must_match_their_entries(host, bank_folder, masked_bank, case):
+    from safetensors.torch import save_file
+
+    meta, tensors = masked_bank
+    damage, fragment = BITS_CASES[case]
+    tensors = dict(tensors)
+    damage(tensors)
+    name = f"bits_{case}.safetensors"
+    save_file(tensors, str(bank_folder / name), metadata=meta)
+    refused(host, "SDN_LoadCharacterBank", "bank_name", name, fragment)
+
+
+def test_bits_on_a_bank_without_them_are_refused(host, bank_folder, good_bank):
+    from safetensors.torch import save_file
+
+    _, meta, tensors = good_bank
+    save_file({**tensors, "0.b": torch.ones(tensors["0.h"].shape[0], dtype=torch.bool)},
+              str(bank_folder / "bits_on_one.safetensors"), metadata=meta)
+    refused(host, "SDN_LoadCharacterBank", "bank_name", "bits_on_one.safetensors", "missing")
+
+
+def test_masked_bank_loads_through_the_node(host, bank_folder, masked_bank):
+    from safetensors.torch import save_file
+
+    meta, tensors = masked_bank
+    save_file(tensors, str(bank_folder / "masked_mira.safetensors"), metadata=meta)
+    run = host.run({"1": {"class_type": "SDN_LoadCharacterBank", "inputs": {"bank_name": "masked_mira.safetensors"}},
+                    "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}})
+    bank = run.node_output("1", 0)
+    entries = masked_entries()
+    assert bank.masked and bank.entries.keys() == entries.keys()
+    assert all(torch.equal(bank.entries[k].bits, entries[k][2]) for k in entries)
+
+
 def test_good_bank_loads_through_the_node(host, bank_folder, good_bank, bank_mod):
     (bank_folder / "good_mira.safetensors").write_bytes(good_bank[0])
     run = host.run({"1": {"class_type": "SDN_LoadCharacterBank", "inputs": {"bank_name": "good_mira.safetensors"}},
