@@ -38,12 +38,16 @@ def test_recording_and_reading_add_no_host_sync_per_layer(pack, sdxl):
 
 
 def draw(model, noise, cond, steps):
-    """The stock sampler on given noise and per-image conditioning (Euler, CFG 5, negative broadcast)."""
+    """The stock sampler on given noise and per-image conditioning (Euler, CFG 5, negative broadcast). SDXL: each
+    row's pooled vector is a function of its tokens (its first 20 x 64 values), so a panel gets the same one in
+    every batch."""
     import comfy.sample
 
-    negative = [[torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(99)), {}]]
-    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", [[cond, {}]], negative,
-                               torch.zeros_like(noise), seed=0, disable_pbar=True)
+    negative = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(99))
+    pooled = (lambda c: {"pooled_output": c[:, :20].reshape(c.shape[0], -1)}) \
+        if model.model.model_config.unet_config.get("adm_in_channels") else (lambda c: {})
+    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", [[cond, pooled(cond)]],
+                               [[negative, pooled(negative)]], torch.zeros_like(noise), seed=0, disable_pbar=True)
 
 
 @pytest.mark.parametrize("schedule, steps", [("always", 2), ("storydiffusion", 4)])

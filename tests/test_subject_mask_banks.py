@@ -79,26 +79,30 @@ def test_reading_equals_reference_mode_with_subject_masks(host, pack, sd15):
     assert (whole - read).abs().max() > 1e-3
 
 
-def test_two_character_panel_reads_two_banks_by_region(host, pack, sd15):
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_two_character_panel_reads_two_banks_by_region(host, pack, request, kind):
     # One reference each, recorded alone at rate 1 (every token, so the union of two banks is what the references
     # in front give): a panel naming A and B routes A's region to A's bank, B's to B's, the rest to neither.
+    unet = request.getfixturevalue(kind)
     panels = ("[A] and [B] play", "[B] sleeps", "[NC] a forest", "[A] runs")
     soft = given_masks(6, seed=5)
     (a_noise, b_noise, *_), (a_cond, b_cond, *_) = inputs(2, 3)
     noise, cond = inputs(4, 4)
-    bank_a, alone_a = record(pack, sd15, ("[A] one",), soft[:1], 1.0, a_noise[None], a_cond[None])
-    bank_b, alone_b = record(pack, sd15, ("[B] one",), soft[1:2], 1.0, b_noise[None], b_cond[None], name="B")
-    model = read_node(host, masked(pack, sd15, panels, soft[2:]), (bank_a, bank_b), panels, pack)
+    bank_a, alone_a = record(pack, unet, ("[A] one",), soft[:1], 1.0, a_noise[None], a_cond[None])
+    bank_b, alone_b = record(pack, unet, ("[B] one",), soft[1:2], 1.0, b_noise[None], b_cond[None], name="B")
+    model = read_node(host, masked(pack, unet, panels, soft[2:]), (bank_a, bank_b), panels, pack)
     read = draw(model, noise, cond, STEPS)
-    together = draw(masked(pack, sd15, ("[A] one", "[B] one") + panels, soft, 1.0, refs=2),
+    together = draw(masked(pack, unet, ("[A] one", "[B] one") + panels, soft, 1.0, refs=2),
                     torch.cat((a_noise[None], b_noise[None], noise)), torch.cat((a_cond[None], b_cond[None], cond)),
                     STEPS)
-    # equal up to float32 rounding (masked-out keys against no keys; latents of magnitude ~100)
-    torch.testing.assert_close(together[:2], torch.cat((alone_a, alone_b)), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(together[2:], read, atol=1e-5, rtol=1e-5)
-    plain = draw(sd15, noise, cond, STEPS)
-    torch.testing.assert_close(read[2], plain[2], atol=1e-5, rtol=0)  # [NC] reads nothing
-    assert (read[0] - plain[0]).abs().max() > 1e-3
+    # equal up to float32 rounding (masked-out keys against no keys; latents of magnitude ~100; the small SDXL
+    # UNet amplifies rounding about 50 times more)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if kind == "sd15" else {"atol": 5e-3, "rtol": 1e-3}
+    torch.testing.assert_close(together[:2], torch.cat((alone_a, alone_b)), **tol)
+    torch.testing.assert_close(together[2:], read, **tol)
+    plain = draw(unet, noise, cond, STEPS)
+    torch.testing.assert_close(read[2], plain[2], **tol)  # [NC] reads nothing
+    assert (read[0] - plain[0]).abs().max() > 100 * tol["atol"]
 
 
 def test_recorded_bits_are_the_region_membership_of_the_picked_tokens(pack, sd15):

@@ -96,15 +96,17 @@ def subject_model(pack, model, story, rate=1.0, refs=0, given=None, threshold=0.
     return masked, recorder
 
 
-def test_given_masks_route_as_the_oracle(pack, sd15):
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_given_masks_route_as_the_oracle(pack, request, kind):
+    unet = request.getfixturevalue(kind)
     soft = given_masks()
-    model, _ = subject_model(pack, sd15, parsed(pack), given=soft)
-    expected = sample(with_replace(sd15, routed_oracle(lambda sigma: soft, NAMED, 0.5)), 5, size=SIZE)
-    got = sample(model, 5, size=SIZE)
+    model, _ = subject_model(pack, unet, parsed(pack), given=soft)
+    expected = sample(with_replace(unet, routed_oracle(lambda sigma: soft, NAMED, 0.5)), 5, size=SIZE, kind=kind)
+    got = sample(model, 5, size=SIZE, kind=kind)
     close(got, expected)
     # the masks act: whole-image CSA and plain attention differ from it
-    assert (got - sample(csa_model(pack, sd15), 5, size=SIZE)).abs().max() > 1e-3
-    assert (got - sample(sd15, 5, size=SIZE)).abs().max() > 1e-3
+    assert (got - sample(csa_model(pack, unet), 5, size=SIZE, kind=kind)).abs().max() > 1e-4
+    assert (got - sample(unet, 5, size=SIZE, kind=kind)).abs().max() > 1e-4
 
 
 def test_masks_applied_before_or_after_csa_are_the_same(pack, sd15):
