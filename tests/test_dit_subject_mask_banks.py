@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from models import small_flux, small_qwen_image
-from sampling_helpers import close
+from sampling_helpers import close, mha
 from test_dit_banks import draw, latents
-from test_dit_csa import TEXT
+from test_dit_csa import TEXT, with_override
 from test_subject_mask_banks import read_node, story
-from test_subject_masks import given_masks, regions_at
+from test_subject_masks import given_masks, label, regions_at
 
 SIZE = 8  # latent side: a 4 x 4 grid of image tokens (patch 2), where given_masks' 4 x 4 blocks land exactly
 
@@ -72,7 +72,8 @@ def padded(model, real=3):
 def test_reading_equals_reference_mode_with_subject_masks(host, pack, kind, padding):
     # Two references of A recorded together at rate 0.5 (they share among themselves, masked), then panels naming
     # A or nobody ([NC]). Against: the references in front of the panels, CSA with reference_count 2 and subject
-    # masks, the same given masks (and, on Qwen-Image, the same text-padding mask, which the bank's keys obey too).
+    # masks, the same given masks (with padding: the same text-padding mask, which the read's image queries still
+    # obey on their own row's text keys).
     refs, panels = ("[A] one", "[A] two"), ("[A] runs", "[NC] a forest", "[A] eats")
     model = small(kind)
     soft = given_masks(5, seed=4)
@@ -130,11 +131,6 @@ def test_sharing_within_the_batch_routes_bank_and_batch_tokens_as_the_oracle(hos
     # region sees its own joint sequence, c's bank keys/values whose bit is set, and every other panel's image tokens
     # inside c's region; outside every region of a two-character panel, and every text query, its own sequence only.
     # The oracle builds each query's key set token by token.
-    from test_dit_csa import with_override
-    from test_subject_masks import label
-
-    from sampling_helpers import mha
-
     model = small_flux("flux1")
     soft = given_masks(5, seed=11)
     ref_noise, ref_cond = inputs("flux1", 2, 12)
@@ -195,8 +191,6 @@ def test_recorded_bits_are_the_region_membership_of_the_picked_tokens(host, pack
     # Independent: find each recorded key among the block's image keys (a spy override under CSA), then its region
     # from the given masks resized to the 4 x 4 token grid (test_subject_masks.regions_at), for character A; the
     # values are the same tokens' values.
-    from test_dit_csa import with_override
-
     bank_mod, patch = pack("attention.bank"), pack("attention.patch")
     soft = given_masks(2, seed=6)
     seen = {}
