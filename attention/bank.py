@@ -22,8 +22,9 @@ fewer blocks shrink it.
 
 Subject masks (issue 10): a bank recorded by a model with subject-masked CSA (and SDN_CharacterMasks' model, every
 reference panel naming the bank's one character) also keeps, per entry, one region bit a recorded token (bool
-``(R * M,)``, 1 B each: + 1/C of the size): whether the token lay in that character's region at that step, from the
-routing CSA used there (regions.routing). Reading with subject masks shows a panel's character only its bank's
+``(R * M,)``, 1 B each: + 1/C of the size; a DiT entry's ``2 * R * M`` rows are the tokens' keys then their values,
+and bit t covers key row t and value row R * M + t): whether the token lay in that character's region at that step,
+from the routing CSA used there (regions.routing). Reading with subject masks shows a panel's character only its bank's
 tokens whose bit is set; banks without bits (recorded without subject masks, every earlier file) are refused
 there and read whole elsewhere.
 
@@ -149,8 +150,9 @@ def _feed(h, value) -> None:
 
 
 class Tokens(NamedTuple):
-    """Hidden states of sampled reference tokens: ``hidden`` ``(R * M, C)`` in the storage dtype; for fp8,
-    ``scale`` ``(R * M, 1)`` float32 with value = hidden * scale, else None; ``bits`` bool ``(R * M,)`` when
+    """Hidden states of sampled reference tokens: ``hidden`` ``(R * M, C)`` in the storage dtype (a DiT's: ``(2 * R *
+    M, C)``, the tokens' keys then their values); for fp8, ``scale`` (one float32 a row, ``(rows, 1)``) with value =
+    hidden * scale, else None; ``bits`` bool ``(R * M,)``, one a token (a DiT: for its key and its value row), when
     recorded with subject masks: the token lies in the region of the character its reference's panel names (at
     that step, from the routing CSA used), else None."""
 
@@ -208,8 +210,10 @@ class RecordingRun:
         self.written: set = set()
 
     def targets(self, step: int, half: int, layers: tuple) -> dict:
-        """``{layer: Tokens}`` to write step ``step``'s half ``half`` into; ``layers``: ``((name, rows,
-        channels), ...)``, every layer that can be recorded at this step (the buffer is allocated once)."""
+        """``{layer: Tokens}`` to write step ``step``'s half ``half`` into; ``layers``: ``((name, rows, channels,
+        tokens), ...)``, every layer that can be recorded at this step, its entry's rows of channels and the recorded
+        tokens (one region bit each with subject masks; a DiT's rows are keys then values: 2 a token). The buffer is
+        allocated once."""
         views = self.buffers.get((step, half))
         if views is None:
             views = self.buffers[(step, half)] = self._allocate(layers)
@@ -218,16 +222,15 @@ class RecordingRun:
     def _allocate(self, layers: tuple) -> dict:
         dtype = self.recorder.storage_dtype
         kw = dict(device=self.store_device, pin_memory=self.pinned)
-        flat = torch.empty(sum(rows * c for _, rows, c in layers), dtype=dtype, **kw)
-        total = sum(rows for _, rows, _ in layers)
-        scales = torch.empty(total, **kw) if dtype == torch.float8_e4m3fn else None
-        bits = torch.empty(total, dtype=torch.bool, **kw) if self.masked else None
-        views, at, at_row = {}, 0, 0
-        for name, rows, c in layers:
+        flat = torch.empty(sum(rows * c for _, rows, c, _ in layers), dtype=dtype, **kw)
+        scales = torch.empty(sum(rows for _, rows, _, _ in layers), **kw) if dtype == torch.float8_e4m3fn else None
+        bits = torch.empty(sum(t for *_, t in layers), dtype=torch.bool, **kw) if self.masked else None
+        views, at, at_row, at_token = {}, 0, 0, 0
+        for name, rows, c, tokens in layers:
             hidden = flat[at:at + rows * c].view(rows, c)
             scale = None if scales is None else scales[at_row:at_row + rows].view(rows, 1)
-            views[name] = Tokens(hidden, scale, None if bits is None else bits[at_row:at_row + rows])
-            at, at_row = at + rows * c, at_row + rows
+            views[name] = Tokens(hidden, scale, None if bits is None else bits[at_token:at_token + tokens])
+            at, at_row, at_token = at + rows * c, at_row + rows, at_token + tokens
         return views
 
     def write(self, key: tuple, dest: Tokens, x: torch.Tensor, bits: torch.Tensor | None = None) -> None:

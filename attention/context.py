@@ -354,7 +354,8 @@ class Run:
         for name in sorted(sharing):
             layer = spec.layers[name]
             tokens, rate = spec.tokens(latent_hw, layer.factor), s.rate_for(layer.factor)
-            layers.append((name, layer.kv * images * tokens_per_source(tokens, rate), layer.channels))
+            picked = images * tokens_per_source(tokens, rate)
+            layers.append((name, layer.kv * picked, layer.channels, picked))
             picks[tokens] = self._cached(step_key, ("picks", tokens, images, rate), lambda: reference_draw(
                 s.seed, step_key, tokens, images, rate).to(self.device, non_blocking=True))
             if bits is not None and tokens not in bits:  # the picks in the references' character region, as CSA routes
@@ -402,7 +403,7 @@ class Run:
             groups[name] = memo[memo_key]
             if masks is not None:
                 level = levels.get(layer.factor) if reader.share and name in sharing else None
-                routes[name] = self._routes(step_key, name, groups[name], tokens, len(chunks),
+                routes[name] = self._routes(step_key, layer, groups[name], tokens, len(chunks),
                                             self._routing(step_key, latent_hw, layer.factor, masks), level)
         return Reading(tokens, groups, reader.share, routes if masks is not None else None)
 
@@ -423,11 +424,12 @@ class Run:
             out.append(tuple(by_name[masks.names[c]] for c in cols))
         return tuple(out)
 
-    def _routes(self, step_key, name: str, groups: tuple, tokens: dict, chunks: int, route: Routing,
+    def _routes(self, step_key, layer, groups: tuple, tokens: dict, chunks: int, route: Routing,
                 level: Level | None) -> tuple:
-        """Subject-masked reading of layer ``name``: per group ``(visible (rows, K, E + S), slot (rows, N))``
-        (:class:`Reading`). Slot k of a row sees the tokens of its k-th bank whose region bit is set and, sharing,
-        the CSA tokens of the batch inside its character's region (csa.region_visible)."""
+        """Subject-masked reading of ``layer`` (roles.SelfAttention or dit.JointLayer): per group ``(visible (rows, K,
+        E + S), slot (rows, N))`` (:class:`Reading`), E = the group's bank tokens (a DiT's ``extra`` rows are keys and
+        values: ``layer.kv`` a token). Slot k of a row sees the tokens of its k-th bank whose region bit is set and,
+        sharing, the CSA tokens of the batch inside its character's region (csa.region_visible)."""
         k = route.slots.shape[1]
         slot = self._cached(step_key, ("query slots", route.query_slot.shape[1], chunks),
                             lambda: route.query_slot.repeat(chunks, 1))
@@ -438,10 +440,10 @@ class Run:
         for group in groups:
             parts = []
             for (span, row_keys), banks in zip(group.parts, group.slots):
-                visible = torch.zeros(k, group.extra, dtype=torch.bool, device=self.device)
+                visible = torch.zeros(k, group.extra // layer.kv, dtype=torch.bool, device=self.device)
                 at = 0
                 for j, half in row_keys:  # the part's bank tokens, bank by bank: visible to that bank's slot
-                    bits = tokens[(j, name, half)].bits
+                    bits = tokens[(j, layer.name, half)].bits
                     if j in banks:
                         visible[banks.index(j), at:at + bits.shape[0]] = bits
                     at += bits.shape[0]

@@ -350,16 +350,25 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if routing is None:
             res = attention_fn(qq, kk, vv, part_mask)
         else:
-            def attend(seen):  # called at once, in this iteration
-                if seen is None:  # the own row alone, under the model's mask
-                    own = None if part_mask is None else part_mask[..., :n]
-                    return attention_fn(qq, kk[:, :, :n], vv[:, :, :n], own)
-                return attention_fn(qq, kk, vv, restrict(part_mask, n, seen, q.dtype))
-            res = routed_attention(attend, idx, routing, images, g, token_dim)
+            res = routed_attention(joint_attend(qq, kk, vv, attention_fn, part_mask, n), idx, routing, images, g,
+                                   token_dim)
         out = joint_output(res, rows, n, token_dim) if out is None else out
         out.reshape(g, b, *out.shape[1:])[:, images].narrow(token_dim + 1, s, e - s).copy_(
             res.reshape(g, count, *res.shape[1:]))
     return out
+
+
+def joint_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_fn: Callable[..., torch.Tensor],
+                 mask: torch.Tensor | None, own: int) -> Callable[[torch.Tensor | None], torch.Tensor]:
+    """:func:`slot_attention`'s ``attend(seen)`` in a joint attention: queries ``q`` ``[rows, heads, Nq, D]`` over keys
+    and values ``[rows, heads, own + E, D]`` (each row's own joint sequence, then E extra tokens), ``attention_fn(q,
+    k, v, mask)`` as in :func:`joint_consistent_attention`, ``mask`` None or 4-D over the ``own + E`` keys (the model's
+    mask still applies to the own keys); ``seen`` None: the own keys alone."""
+    def attend(seen):
+        if seen is None:
+            return attention_fn(q, k[:, :, :own], v[:, :, :own], None if mask is None else mask[..., :own])
+        return attention_fn(q, k, v, restrict(mask, own, seen, q.dtype))
+    return attend
 
 
 def _joint_keys(x5: torch.Tensor, images: slice, source: torch.Tensor, token: torch.Tensor) -> torch.Tensor:

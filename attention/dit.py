@@ -43,7 +43,8 @@ import torch
 
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .context import CONTEXT, NODE, Call
-from .csa import attend_outside, image_query_mask, joint_consistent_attention, joint_mask, joint_output
+from .csa import (attend_outside, image_query_mask, joint_attend, joint_consistent_attention, joint_mask, joint_output,
+                  slot_attention)
 
 FACTOR = 16  # image-level downsampling of every DiT image token
 OVERRIDE = "optimized_attention_override"  # transformer_options key of ComfyUI's attention override
@@ -171,8 +172,8 @@ class JointLayer:
     """One patched DiT block's joint attention: ``key`` (block type, index, 0) keys the schedule's gates;
     ``factor``: 16; ``name``: "double.3"; ``image_only``: an attention over the image tokens alone (block type
     "x_block", SD3.5's attn2); ``shares``: a CSA block; ``channels``: heads x head dim of its keys (sizes a
-    recording's entries); ``reader``, ``family``: the BankReader it reads and the model's Family (None: it reads
-    no bank). Immutable."""
+    recording's entries); ``reader``: the BankReader it reads (None: it reads no bank); ``family``: the model's
+    Family. Immutable."""
 
     factor = FACTOR
     kv = 2  # bank rows per recorded token: its key and its value
@@ -235,14 +236,17 @@ class JointAttention:
         if layer.reader is not None and ctx.read is not None:
             return read(q, k, v, ctx, layer, attend, mask, token_dim)
         level = ctx.level(layer)
+        recording = ctx.record is not None and layer.name in ctx.record.targets
+        if level is None and not recording:
+            return attend(q, k, v, mask)
+        span = _span(q, ctx, layer, layer.family.image_tokens(ctx.latent_hw))
+        if recording:  # also where the references do not share (a bank of one reference)
+            record(k, v, ctx, layer.name, span)
         if level is None:
             return attend(q, k, v, mask)
-        span = _span(q, ctx, layer, level.tokens)
         if level.order is not None:
             raise UnsupportedModelError(f"{NODE}: context windows with reference_count > 0 are not supported on DiT "
                                         f"models")
-        if ctx.record is not None:
-            record(k, v, ctx, layer.name, span)
         return joint_consistent_attention(q, k, v, level.plan, span, attend, mask, token_dim, level.routing)
 
 
@@ -290,7 +294,8 @@ def _span(q, ctx: Call, layer, tokens: int) -> tuple:
 def record(k, v, ctx: Call, name: str, span: tuple) -> None:
     """Write phase on a DiT: keep block ``name``'s keys and values ``[rows, heads, N, D]`` (after RoPE) of the
     references' sampled image tokens (context.reference_draw, the tokens reference mode shows later images), per
-    CFG half, as one bank entry ``(2 * R * M, heads * D)``: keys, then values."""
+    CFG half, as one bank entry ``(2 * R * M, heads * D)``: keys, then values; with subject masks, with one region bit
+    a token (``(R * M,)``, for its key and its value)."""
     targets = ctx.record.targets.get(name)
     if not targets:
         return
@@ -302,8 +307,9 @@ def record(k, v, ctx: Call, name: str, span: tuple) -> None:
         x = x.reshape(len(ctx.chunks), -1, *x.shape[1:])[:, source, :, token]
         return x.transpose(0, 1).reshape(x.shape[1], x.shape[0], -1)
     keys, values = chosen(k), chosen(v)
+    bits = None if ctx.record.bits is None else ctx.record.bits[tokens]
     for chunk, key, dest in targets:
-        ctx.record.run.write(key, dest, torch.cat((keys[chunk], values[chunk])))
+        ctx.record.run.write(key, dest, torch.cat((keys[chunk], values[chunk])), bits)
 
 
 def read(q, k, v, ctx: Call, layer: JointLayer, attend, mask, token_dim: int):
@@ -313,7 +319,12 @@ def read(q, k, v, ctx: Call, layer: JointLayer, attend, mask, token_dim: int):
     other panels; TEXT (and appended) queries attend to their own sequence only. q, k, v: ``[rows, heads, N, D]``
     after RoPE; ``attend(q, k, v, mask)`` returns the query tokens on ``token_dim``; ``mask`` as
     csa.joint_consistent_attention reads it (the extra keys are visible). Equal to reference mode with the
-    recorded references in front of the batch (README: bank-free reference mode)."""
+    recorded references in front of the batch (README: bank-free reference mode).
+
+    With subject masks (``reading.routes``, issue 10) one call per slot with a key mask instead
+    (csa.slot_attention): an image query of slot k sees its own sequence (under ``mask``), the tokens of its k-th
+    character's bank whose region bit is set, and the CSA tokens inside that character's regions; an image query
+    of no slot (outside every region of a multi-character panel) its own sequence only."""
     reading = ctx.read
     rows, h, n, d = q.shape
     tokens = layer.family.image_tokens(ctx.latent_hw)
@@ -326,15 +337,20 @@ def read(q, k, v, ctx: Call, layer: JointLayer, attend, mask, token_dim: int):
         source, token = idx // tokens, s + idx % tokens
         shared = tuple(x.reshape(-1, ctx.images, h, n, d)[:, source, :, token].permute(2, 0, 3, 1, 4)
                        .reshape(rows, h, -1, d) for x in (k, v))
+    routes = None if reading.routes is None else reading.routes[layer.name]
     out = attend_outside(q, k, v, (s, e), attend, mask, token_dim)
-    for group in reading.groups[layer.name]:
+    for g, group in enumerate(reading.groups[layer.name]):
         extra = group.extra // 2
         banks = [(span, _bank(reading, keys, layer.name, h, q.dtype)) for span, keys in group.parts if keys]
         kk, vv = (_keys(x, group, [(span, kv[i]) for span, kv in banks], extra, None if shared is None else shared[i])
                   for i, x in enumerate((k, v)))
         part_mask = None if mask is None else image_query_mask(
             mask if mask.shape[0] == 1 else mask[group.rows], s, e, kk.shape[2] - n)
-        res = attend(q[group.rows][:, :, s:e], kk, vv, part_mask)
+        qq = q[group.rows][:, :, s:e]
+        if routes is None or kk.shape[2] == n:
+            res = attend(qq, kk, vv, part_mask)
+        else:
+            res = slot_attention(joint_attend(qq, kk, vv, attend, part_mask, n), *routes[g], token_dim)
         out = joint_output(res, rows, n, token_dim) if out is None else out
         out.narrow(token_dim, s, e - s)[group.rows] = res
     return out
@@ -371,7 +387,7 @@ def joint_width(model_patcher) -> int:
 
 def dit_layers(family: Family, stages: tuple) -> dict:
     """``{(block_type, index): JointLayer}`` for every block of ``stages`` ("double", "single") in ``family``."""
-    return {(kind, i): JointLayer(kind, i) for stage in stages for kind, indices in family.stages[stage]
+    return {(kind, i): JointLayer(kind, i, family=family) for stage in stages for kind, indices in family.stages[stage]
             for i in indices}
 
 

@@ -342,8 +342,8 @@ def apply_reading(model_patcher, reader: BankReader, node: str = READ_NODE):
 
     CSA layers already on the model keep their settings (the read batch shares with them when
     ``reader.share``); other recorded layers only read. Subject masks are on when ``reader.subject_masks`` or the
-    model's CSA ``subject_masks`` is. Raises UnsupportedModelError (see :func:`attention_blocks`; subject masks on a
-    DiT or over another attn1 replace) and BankMismatchError when a bank holds a layer the model does not have,
+    model's CSA ``subject_masks`` is. Raises UnsupportedModelError (see :func:`attention_blocks`; subject masks over
+    another attn1 replace of a UNet) and BankMismatchError when a bank holds a layer the model does not have,
     was recorded on the other kind of model (a DiT bank on a UNet or the reverse), or was recorded without subject
     masks while they are on.
     """
@@ -353,7 +353,7 @@ def apply_reading(model_patcher, reader: BankReader, node: str = READ_NODE):
     settings = spec.settings if spec is not None else None
     masked = reader.subject_masks or settings is not None and settings.subject_masks
     if masked:
-        _check_masked(reader, family, node)
+        _check_masked(reader, node)
     if family is not None:
         return _apply_dit_reading(model_patcher, family, reader, node)
     blocks = _self_attention(model_patcher, node)
@@ -379,11 +379,8 @@ def apply_reading(model_patcher, reader: BankReader, node: str = READ_NODE):
     return m
 
 
-def _check_masked(reader: BankReader, family: Family | None, node: str) -> None:
-    """Subject-masked reading: a UNet, and banks recorded with subject masks (their tokens' region bits)."""
-    if family is not None:
-        raise UnsupportedModelError(f"{node}: input 'subject_masks': reading banks with subject masks is not "
-                                    f"supported on {family.name} yet")
+def _check_masked(reader: BankReader, node: str) -> None:
+    """Subject-masked reading: banks recorded with subject masks (their tokens' region bits)."""
     for bank in reader.banks:
         if not bank.masked:
             raise BankMismatchError(
@@ -411,7 +408,7 @@ def _apply_dit_reading(model_patcher, family: Family, reader: BankReader, node: 
             if key not in blocks:
                 raise BankMismatchError(f"{node}: a character bank holds block {name}, which this model does not "
                                         f"have: it was recorded with another architecture")
-            layers[key] = layers.get(key, blocks[key].derived(shares=False)).derived(reader=reader, family=family)
+            layers[key] = layers.get(key, blocks[key].derived(shares=False)).derived(reader=reader)
         return JointAttention(layers, previous, family.calls)
     set_override(m.model_options.setdefault("transformer_options", {}), build)
     _install(m, StoryAttention(spec.settings if spec is not None else None,

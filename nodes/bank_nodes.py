@@ -198,7 +198,7 @@ class ReadCharacterBanks(io.ComfyNode):
                     "the batch's tokens inside its regions); a two-character panel keeps the characters apart, "
                     "its background reads no bank. Needs the model from Character Masks (story = these panels) "
                     "and banks recorded with subject masks. Also on when the model's Consistent Self-Attention "
-                    "has subject_masks on. UNets only.")),
+                    "has subject_masks on.")),
             ],
             outputs=[io.Model.Output(display_name="bank-reading model", tooltip="Sample the panels with this model (same steps, scheduler and size as "
                                              "the recording).")])

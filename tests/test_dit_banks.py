@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import small_flux, small_nextdit, small_qwen_image, small_sd3, small_unet
+from sampling_helpers import close
 from test_dit_csa import TEXT, csa
 
 
@@ -54,6 +55,23 @@ def test_reading_a_dit_bank_equals_references_in_front(host, pack, kind):
     torch.testing.assert_close(together[:refs], alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(together[refs:], read, atol=1e-5, rtol=0)
     assert (read - draw(model, kind, story_noise, story_cond)).abs().max() > 1e-3, "the bank changed nothing"
+
+
+def test_a_bank_of_one_reference_equals_it_in_front(host, pack):
+    # One reference shares with no other image while it is recorded; its sampled tokens are recorded all the same.
+    bank_mod, patch = pack("attention.bank"), pack("attention.patch")
+    model, gen = small_flux("flux1"), torch.Generator().manual_seed(12)
+    ref_noise, noise = latents("flux1", 1, gen), latents("flux1", 2, gen)
+    ref_cond, cond = torch.randn(1, TEXT, 32, generator=gen), torch.randn(2, TEXT, 32, generator=gen)
+    rec, alone = record(pack, model, "flux1", ref_noise, ref_cond)
+    bank = bank_mod.CharacterBank.from_recorder(rec, "hero", "")
+    assert bank.kind == "dit" and len(bank.entries) == 2 * 2 * 2  # 2 steps x 2 blocks x 2 CFG halves
+    read = draw(patch.apply_reading(model, patch.BankReader((bank,))), "flux1", noise, cond)
+    together = draw(csa(pack, model, rate=0.5, refs=1, seed=3), "flux1", torch.cat((ref_noise, noise)),
+                    torch.cat((ref_cond, cond)))
+    close(together[:1], alone)
+    close(together[1:], read)
+    assert (read - draw(model, "flux1", noise, cond)).abs().max() > 1e-3, "the bank changed nothing"
 
 
 def test_dit_bank_read_with_sharing_and_routing_equals_the_per_panel_reads(host, pack):

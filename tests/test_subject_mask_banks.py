@@ -258,14 +258,9 @@ def test_sharing_within_the_batch_routes_bank_and_batch_tokens_as_the_oracle(hos
     torch.testing.assert_close(got, draw(with_replace(sd15, replace), noise, cond, STEPS), atol=1e-5, rtol=1e-5)
 
 
-def test_masked_reading_is_refused_on_dits_and_over_other_attn1_patches(pack, sd15):
-    from models import small_flux
-
+def test_masked_reading_is_refused_over_other_attn1_patches(pack, sd15):
+    # (DiTs read banks with subject masks: tests/test_dit_subject_mask_banks.py)
     bank_mod, patch, errors = pack("attention.bank"), pack("attention.patch"), pack("errors")
-    dit_bank = bank_mod.CharacterBank("A", "", {(0, "double.0", 0): (torch.randn(16, 8), None, torch.ones(8) > 0)},
-                                      (1.0, 0.0), (6, 6), "f" * 32, 2, {})
-    with pytest.raises(errors.UnsupportedModelError, match="SDN_ReadCharacterBanks: input 'subject_masks'"):
-        patch.apply_reading(small_flux(), patch.BankReader((dit_bank,), subject_masks=True))
     unet_bank = bank_mod.CharacterBank("A", "", {(0, "output.3.0", 0): (torch.randn(4, 8), None, torch.ones(4) > 0)},
                                        (1.0, 0.0), (8, 8), "f" * 32, 1, {})
     other = sd15.clone()
