@@ -155,14 +155,7 @@ class ComicLayout(io.ComfyNode):
                           page_height=page_height, rows=rows, columns=columns, gutter=gutter,
                           border_width=border_width, border_color=border_color, background_color=background_color,
                           caption_font_size=caption_font_size, font_path=font_path or "")
-        lines = split_captions(captions or "")
-        normal = lambda texts: [" ".join(t.split()) for t in texts]  # noqa: E731
-        if story is not None and any(lines) and normal(lines + [""] * (len(story.panels) - len(lines))) != normal(story.captions):
-            raise NodeInputError("SDN_ComicLayout", "captions", "empty, or the connected story's captions (the "
-                                 "story gives the captions when it is connected)",
-                                 got=f"{len(lines)} lines that differ from the story's {len(story.panels)} captions")
-        return io.NodeOutput(*compose_comic(images, spec, lines if story is None else None, story, character_masks))
-
+        return io.NodeOutput(*compose_comic(images, spec, split_captions(captions or ""), story, character_masks))
 
 
 class StoryPanels(io.ComfyNode):

@@ -483,20 +483,27 @@ def _regions(masks: dict, image_hw: tuple, box: tuple) -> dict:
     return out
 
 
+def _words(captions, count: int = 0) -> list[str]:
+    """Captions compared by their words, padded with empty ones to ``count``."""
+    return [" ".join(c.split()) for c in list(captions) + [""] * (count - len(captions))]
+
+
 def compose_comic(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | None = None, story=None,
                   character_masks: torch.Tensor | None = None,
                   comic: bool = True) -> tuple[torch.Tensor, str, torch.Tensor]:
     """Comic pages with captions and dialogue bubbles (SDN_ComicLayout).
 
     images, spec, captions: as ``compose_pages``. story: a parser ``Story`` with one panel per image (panel i =
-    image i); its captions are used when ``captions`` is None, and its panels' dialogue is drawn.
+    image i); its captions are used (``captions`` must then be empty or the same words) and its panels' dialogue
+    is drawn.
     character_masks: MASK ``(panels x characters, H, W)`` in 0..1, row = panel x characters + character (story
     order; SDN_CharacterMaskImages' output), any H x W of the panels' aspect; needs ``story``.
     comic: letter bubbles in an installed comic font when ``spec.font_path`` is empty or lacks characters (the
     node); False skips comic fonts, so pages drawn in Pillow's font look the same on every machine (thumbnails).
     Returns ``(pages, layout, bubble_masks)``: IMAGE ``(pages, page_height, page_width, 3)``, the bubbles as a
     JSON list (``Bubble``'s fields), MASK ``(pages, page_height, page_width)`` float32, 1 on the bubbles.
-    NodeInputError as ``compose_pages``; for a story whose panel count is not the images', masks without a story
+    NodeInputError as ``compose_pages``; for captions other than the story's, a story whose panel count is not the
+    images', masks without a story
     or with another row count, and dialogue no font can draw (input ``story``).
     """
     count = images.shape[0] if isinstance(images, torch.Tensor) and images.ndim == 4 else None
@@ -516,8 +523,11 @@ def compose_comic(images: torch.Tensor, spec: LayoutSpec, captions: list[str] | 
         if count is not None and len(story.panels) != count:
             raise NodeInputError(NODE_ID, "story", f"the story of these {count} panel images (one panel per image)",
                                  got=f"a story of {len(story.panels)} panels")
-        if captions is None:
-            captions = list(story.captions)
+        if captions and any(captions) and _words(captions, len(story.panels)) != _words(story.captions):
+            raise NodeInputError(NODE_ID, "captions", "empty, or the connected story's captions (the story gives the "
+                                 "captions when it is connected)",
+                                 got=f"{len(captions)} lines that differ from the story's {len(story.panels)} captions")
+        captions = list(story.captions)
         rtl = spec.reading_direction == "right-to-left"
         for k, p in enumerate(story.panels):
             masks = {} if character_masks is None else {
