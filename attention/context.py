@@ -24,7 +24,7 @@ from ..errors import StoryDiffusionError
 from .bank import BankMismatchError, entry_bytes, schedule_key
 from .csa import Routing, SamplingPlan, make_plan, reference_tokens, region_visible, tokens_per_source
 from .frames import window_frames
-from .regions import MASK_RUN, routing
+from .regions import MASK_RUN, level_hw, routing
 
 CONTEXT = "storydiffusion_native"  # transformer_options key: the model call's Call
 RUN = "storydiffusion_native_run"  # transformer_options key: the sampling run's Run
@@ -49,10 +49,9 @@ def _generator(*parts: int) -> torch.Generator:
 
 def level_tokens(latent_hw: tuple, factor: int) -> int:
     """Tokens of a layer at image-level downsampling ``factor`` (8 = the latent itself) for a latent of
-    ``latent_hw``: every UNet downsampling (3x3 conv, stride 2, padding 1) rounds odd sizes up."""
-    h, w = latent_hw
-    for _ in range(factor.bit_length() - 4):
-        h, w = -(-h // 2), -(-w // 2)
+    ``latent_hw``: every UNet downsampling (3x3 conv, stride 2, padding 1) rounds odd sizes up
+    (regions.level_hw)."""
+    h, w = level_hw(latent_hw, factor)
     return h * w
 
 
