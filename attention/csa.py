@@ -205,10 +205,7 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if routing is None:
             out = attention_fn(qs, kk, vv, heads, **attn_kwargs)
         else:
-            def attend(seen):
-                if seen is None:
-                    return attention_fn(qs, kk[:, :n], vv[:, :n], heads, **attn_kwargs)
-                return attention_fn(qs, kk, vv, heads, mask=restrict(None, n, seen, q.dtype), **attn_kwargs)
+            attend = own_then_extra(qs, kk, vv, heads, attention_fn, n, **attn_kwargs)
             out = routed_attention(attend, keys[:, n:], routing, sl, g)
         return out.reshape(g, -1, n, c)
 
@@ -356,6 +353,18 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         out.reshape(g, b, *out.shape[1:])[:, images].narrow(token_dim + 1, s, e - s).copy_(
             res.reshape(g, count, *res.shape[1:]))
     return out
+
+
+def own_then_extra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads, attention_fn: AttentionFn, own: int,
+                   **attn_kwargs) -> Callable[[torch.Tensor | None], torch.Tensor]:
+    """:func:`slot_attention`'s ``attend(seen)`` on ``[rows, tokens, heads * dim_head]``: queries ``q`` over keys
+    and values ``[rows, own + E, C]`` (each row's own tokens, then E extra tokens) through ``attention_fn(q, k, v,
+    heads, mask=...)``; ``seen`` None: the own keys alone."""
+    def attend(seen):
+        if seen is None:
+            return attention_fn(q, k[:, :own], v[:, :own], heads, **attn_kwargs)
+        return attention_fn(q, k, v, heads, mask=restrict(None, own, seen, q.dtype), **attn_kwargs)
+    return attend
 
 
 def joint_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_fn: Callable[..., torch.Tensor],

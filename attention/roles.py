@@ -18,7 +18,7 @@ import torch
 from ..errors import StoryDiffusionError, UnsupportedModelError
 from .bank import layer_name
 from .context import CONTEXT, NODE, Call, Level
-from .csa import consistent_self_attention, gather_tokens, restrict, slot_attention
+from .csa import consistent_self_attention, gather_tokens, own_then_extra, slot_attention
 
 
 def _attention(previous, extra_options):
@@ -107,22 +107,11 @@ def read(q, k, v, ctx: Call, layer, attend):
         if routes is None or kk.shape[1] == q.shape[1]:
             result = attend(q[group.rows], kk, vv)
         else:
-            result = slot_attention(_slot_attend(q[group.rows], kk, vv, attend), *routes[g])
+            result = slot_attention(own_then_extra(q[group.rows], kk, vv, None, attend, q.shape[1]), *routes[g])
         if whole:
             return result
         out[group.rows] = result
     return out
-
-
-def _slot_attend(q, k, v, attend):
-    """csa.slot_attention's ``attend(seen)`` for rows ``q`` over keys ``k``/``v`` (their own tokens, then extras)."""
-    n = q.shape[1]
-
-    def run(seen):
-        if seen is None:
-            return attend(q, k[:, :n], v[:, :n])
-        return attend(q, k, v, mask=restrict(None, n, seen, q.dtype))
-    return run
 
 
 def _project(reading, keys: tuple, layer, dtype) -> tuple:
